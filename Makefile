@@ -1,0 +1,45 @@
+# The front door. `make pipeline` and `make test` do all the set-up they need.
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: setup pipeline test smoke bench plots ui clean help
+
+help:
+	@echo "make pipeline   set up .venv, then dvc repro (download, preprocess, train, evaluate, report)"
+	@echo "make test       set up .venv, then run the test suite"
+	@echo "make smoke      the whole pipeline on the smoke profile (params-smoke.yaml), a few minutes"
+	@echo "make bench      the benchmarks against the published recipe (benchmarks/README in README.md)"
+	@echo "make ui         the MLflow UI on http://127.0.0.1:5000"
+
+setup: $(STAMP)
+
+# pip in a venv: it takes torch and torchvision from this machine's disk where they lie there.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $@
+
+pipeline: $(STAMP)
+	$(BIN)/dvc repro
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+smoke: $(STAMP)
+	$(BIN)/python -m fmnist.ci smoke
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run
+
+plots: $(STAMP)
+	$(BIN)/dvc plots show
+
+ui: $(STAMP)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf dvc_plots .pytest_cache

@@ -1,0 +1,10 @@
+"""fmnist: a reproducible Fashion-MNIST training pipeline."""
+
+__version__ = "0.1.0"
+
+
+class FmnistError(Exception):
+    """An error the user can fix; its message says what is wrong and how. The CLI
+    prints it without a traceback."""
+
+    exit_code = 1

@@ -1,0 +1,106 @@
+"""The ``fmnist`` command: parses the command line and calls a stage; nothing else.
+
+Heavy libraries (torch, mlflow) are imported by the stage that needs them, so
+``fmnist --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+from fmnist import FmnistError, __version__
+
+
+def _config(args: argparse.Namespace):
+    from fmnist import config
+
+    return config.load(args.params, getattr(args, "set", None) or ())
+
+
+def _download(args: argparse.Namespace) -> None:
+    from fmnist.stages import download
+
+    for path in download.run(args.source, progress=not args.no_progress):
+        print(path)
+
+
+def _preprocess(args: argparse.Namespace) -> None:
+    from fmnist.stages import preprocess
+
+    summary = preprocess.run(_config(args))
+    print(", ".join(f"{name}: {s['count']:,}" for name, s in summary.items()))
+
+
+def _train(args: argparse.Namespace) -> None:
+    import json
+
+    from fmnist.stages import train
+
+    cfg = _config(args)
+    print(json.dumps(train.run(cfg, args.model, resume=args.resume, progress=not args.no_progress), indent=2))
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    import json
+
+    from fmnist.stages import evaluate
+
+    cfg = _config(args)
+    print(json.dumps(evaluate.run(cfg, args.model), indent=2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fmnist", description="Fashion-MNIST pipeline: every DVC stage is a subcommand.")
+    p.add_argument("--version", action="version", version=f"fmnist {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func, help: str, params: bool = True) -> argparse.ArgumentParser:
+        s = sub.add_parser(name, help=help, description=help)
+        if params:
+            s.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+        s.set_defaults(func=func)
+        return s
+
+    s = add("download", _download, "fetch and verify the four Fashion-MNIST files into data/raw/", params=False)
+    s.add_argument("--source", help="a folder or base URL holding the files (default: $FMNIST_SOURCE, "
+                                    "then a local copy, then the official mirrors)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    add("preprocess", _preprocess, "split, check and tensorise data/raw/ into data/processed/")
+
+    for name, func, text in (("train", _train, "train one model of params.yaml's `models:`"),
+                             ("evaluate", _evaluate, "score one trained model on the test set")):
+        s = add(name, func, text)
+        s.add_argument("model", help="a key of params.yaml's `models:`")
+        s.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a param, as `dvc exp run -S` (repeatable), e.g. --set train.lr=0.01")
+        if name == "train":
+            s.add_argument("--resume", action="store_true", help="continue from models/MODEL.resume.pt")
+            s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def _interrupt(signum, frame):  # SIGTERM behaves like Ctrl-C: runs end KILLED, temp files go
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        args.func(args)
+    except FmnistError as e:
+        print(f"fmnist {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"fmnist {args.command}: interrupted; no partial output was kept", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""The processed splits in memory, and the batch loader the training core uses.
+
+A split is one uint8 tensor of images and one int64 tensor of labels. Batches
+are cut from them by index, converted, augmented and normalised as whole
+batches: no per-sample Python, no PIL, no worker processes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from fmnist.data import PROCESSED_DIR, DataError
+
+NUM_CLASSES = 10
+
+
+@dataclass(frozen=True)
+class Split:
+    images: torch.Tensor  # (N, 28, 28) uint8
+    labels: torch.Tensor  # (N,) int64
+    index: torch.Tensor  # (N,) int64: position in the original IDX file
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, idx: torch.Tensor) -> "Split":
+        return Split(self.images[idx], self.labels[idx], self.index[idx])
+
+
+@dataclass(frozen=True)
+class Stats:
+    mean: float
+    std: float
+
+
+def stratified_indices(labels: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """Sorted indices of ``n`` items with the class proportions of ``labels``."""
+    counts = torch.bincount(labels, minlength=NUM_CLASSES)
+    # Largest-remainder apportionment, so the per-class counts add up to n exactly.
+    exact = counts.double() * n / len(labels)
+    take = exact.floor().long()
+    rest = n - int(take.sum())
+    if rest:
+        take[torch.argsort(exact - take, descending=True, stable=True)[:rest]] += 1
+    chosen = []
+    for c in range(NUM_CLASSES):
+        members = (labels == c).nonzero().squeeze(1)
+        chosen.append(members[torch.randperm(len(members), generator=generator)[: int(take[c])]])
+    return torch.cat(chosen).sort().values
+
+
+def load_split(name: str, root: str | Path = PROCESSED_DIR) -> Split:
+    path = Path(root) / f"{name}.pt"
+    if not path.is_file():
+        raise DataError(f"{path}: missing; run `dvc repro` (or `fmnist preprocess`) to create it")
+    try:
+        d = torch.load(path, weights_only=True)
+        split = Split(d["images"], d["labels"], d["index"])
+    except Exception as e:  # truncated zip, wrong keys, not a torch file
+        raise DataError(f"{path}: unreadable ({type(e).__name__}: {e}); run `dvc repro` to rebuild it") from None
+    n = len(split.labels)
+    if (split.images.dtype != torch.uint8 or split.images.shape[1:] != (28, 28) or len(split.images) != n
+            or split.labels.dtype != torch.int64 or len(split.index) != n):
+        raise DataError(f"{path}: unexpected tensor shapes or types; run `dvc repro` to rebuild it")
+    return split
+
+
+def load_stats(root: str | Path = PROCESSED_DIR) -> Stats:
+    path = Path(root) / "stats.json"
+    try:
+        d = json.loads(path.read_text())
+        return Stats(float(d["mean"]), float(d["std"]))
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing; run `dvc repro` (or `fmnist preprocess`) to create it") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: unreadable ({e}); run `dvc repro` to rebuild it") from None
+
+
+# --------------------------------------------------------------------------- batch transforms
+
+def to_float(images: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 (N, 28, 28) -> float (N, 1, 28, 28) in [0, 1]."""
+    return images.to(device, non_blocking=True).unsqueeze(1).float().div_(255)
+
+
+def normalize(x: torch.Tensor, stats: Stats) -> torch.Tensor:
+    return x.sub_(stats.mean).div_(stats.std)
+
+
+def random_flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    flip = torch.rand(len(x), generator=g, device=g.device) < 0.5
+    return torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(3), x)
+
+
+def random_shift(x: torch.Tensor, max_shift: int, g: torch.Generator) -> torch.Tensor:
+    """Translate each image by its own random (dx, dy) in [-max_shift, max_shift], filling with 0."""
+    n, _, h, w = x.shape
+    s = max_shift
+    padded = F.pad(x, (s, s, s, s))
+    dx = torch.randint(0, 2 * s + 1, (n,), generator=g, device=g.device).to(x.device)
+    dy = torch.randint(0, 2 * s + 1, (n,), generator=g, device=g.device).to(x.device)
+    rows = (dy.view(n, 1) + torch.arange(h, device=x.device)).view(n, 1, h, 1).expand(n, 1, h, w + 2 * s)
+    cols = (dx.view(n, 1) + torch.arange(w, device=x.device)).view(n, 1, 1, w).expand(n, 1, h, w)
+    return padded.gather(2, rows).gather(3, cols)
+
+
+def random_erase(x: torch.Tensor, p: float, g: torch.Generator, scale: tuple[float, float] = (0.02, 0.2)) -> torch.Tensor:
+    """Random erasing (Zhong et al.): with probability p, zero one random rectangle per image."""
+    n, _, h, w = x.shape
+    dev = g.device
+    area = torch.empty(n, device=dev).uniform_(*scale, generator=g) * h * w
+    aspect = torch.exp(torch.empty(n, device=dev).uniform_(-1.1, 1.1, generator=g))  # log(1/3)..log(3)
+    eh = (area * aspect).sqrt().round().clamp(1, h).long()
+    ew = (area / aspect).sqrt().round().clamp(1, w).long()
+    top = (torch.rand(n, generator=g, device=dev) * (h - eh + 1)).long()
+    left = (torch.rand(n, generator=g, device=dev) * (w - ew + 1)).long()
+    on = torch.rand(n, generator=g, device=dev) < p
+    ys = torch.arange(h, device=dev).view(1, h, 1)
+    xs = torch.arange(w, device=dev).view(1, 1, w)
+    box = ((ys >= top.view(n, 1, 1)) & (ys < (top + eh).view(n, 1, 1))
+           & (xs >= left.view(n, 1, 1)) & (xs < (left + ew).view(n, 1, 1)) & on.view(n, 1, 1))
+    return x.masked_fill(box.to(x.device).unsqueeze(1), 0.0)
+
+
+class BatchLoader:
+    """Iterate over a split in batches of normalised float tensors.
+
+    ``shuffle`` and the augmentations draw from ``generator`` only, so a seeded
+    generator makes the batch order and augmentations reproducible (and its
+    state can be saved to resume mid-run).
+    """
+
+    def __init__(self, split: Split, batch_size: int, stats: Stats, *, shuffle: bool = False,
+                 generator: torch.Generator | None = None, flip: bool = False, shift: int = 0,
+                 erase: float = 0.0, device: torch.device | str = "cpu", drop_last: bool = False,
+                 channels_last: bool = False):
+        if (shuffle or flip or shift or erase) and generator is None:
+            raise ValueError("shuffling or augmenting needs a generator")
+        self.split, self.batch_size, self.stats = split, batch_size, stats
+        self.shuffle, self.generator = shuffle, generator
+        self.flip, self.shift, self.erase = flip, shift, erase
+        self.device, self.drop_last, self.channels_last = torch.device(device), drop_last, channels_last
+
+    def __len__(self) -> int:
+        n = len(self.split)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.split)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else None
+        for b in range(len(self)):
+            sl = slice(b * self.batch_size, min((b + 1) * self.batch_size, n))
+            idx = order[sl] if order is not None else sl
+            x = to_float(self.split.images[idx], self.device)
+            y = self.split.labels[idx].to(self.device, non_blocking=True)
+            if self.flip:
+                x = random_flip(x, self.generator)
+            if self.shift:
+                x = random_shift(x, self.shift, self.generator)
+            if self.erase:
+                x = random_erase(x, self.erase, self.generator)
+            x = normalize(x, self.stats)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, y

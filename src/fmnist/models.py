@@ -1,0 +1,180 @@
+"""Registry: architecture name -> ``nn.Module`` factory.
+
+Every factory takes its hyperparameters as keyword arguments with defaults, so
+params.yaml's ``models.<name>`` section is exactly its keyword arguments and the
+registry can reject an unknown one before any work. Every model maps a batch of
+``(N, 1, 28, 28)`` normalised images to ``(N, 10)`` scores: logits, or
+log-probabilities for the models published that way (the losses apply
+log-softmax, which leaves log-probabilities unchanged, so both kinds work with
+every loss without a per-model case).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+from torch import nn
+
+from fmnist.config import ConfigError
+
+IMAGE_PIXELS = 28 * 28
+NUM_CLASSES = 10
+
+REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    REGISTRY[fn.__name__] = fn
+    return fn
+
+
+def build(arch: str, hparams: dict[str, Any] | None = None) -> nn.Module:
+    check_hparams(arch, hparams or {}, f"models.{arch}")
+    return REGISTRY[arch](**(hparams or {}))
+
+
+def check_hparams(arch: str, hparams: dict[str, Any], prefix: str) -> None:
+    """Reject an unknown architecture, an unknown key or a value of the wrong type."""
+    if arch not in REGISTRY:
+        raise ConfigError(f"{prefix}: unknown architecture {arch!r}; allowed: {', '.join(REGISTRY)}")
+    sig = inspect.signature(REGISTRY[arch])
+    for key, value in hparams.items():
+        if key not in sig.parameters:
+            allowed = ", ".join(sig.parameters) or "none"
+            raise ConfigError(f"{prefix}.{key}: unknown hyperparameter of {arch}; allowed: {allowed}")
+        default = sig.parameters[key].default
+        _check_like(value, default, f"{prefix}.{key}")
+
+
+def _check_like(value: Any, default: Any, key: str) -> None:
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    elif isinstance(default, float):  # dropout probabilities
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1
+    elif isinstance(default, (list, tuple)):
+        ok = (isinstance(value, (list, tuple)) and len(value) > 0
+              and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value))
+    else:
+        ok = True
+    if not ok:
+        expect = {bool: "true or false", int: "an integer >= 1", float: "a number in [0, 1)"}.get(
+            type(default), "a non-empty list of integers >= 1")
+        raise ConfigError(f"{key}: must be {expect}, got {value!r}")
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- the published models
+
+@register
+def linear(hidden: int = 10) -> nn.Module:
+    """The linear baseline: two stacked linear layers, no non-linearity."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(IMAGE_PIXELS, hidden), nn.Linear(hidden, NUM_CLASSES))
+
+
+@register
+def mlp(hidden: int = 10) -> nn.Module:
+    """Kept as published, with a ReLU after the output layer."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(IMAGE_PIXELS, hidden), nn.ReLU(),
+                         nn.Linear(hidden, NUM_CLASSES), nn.ReLU())
+
+
+@register
+def mlp512(hidden: int = 512) -> nn.Module:
+    """784-512-512-10."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(IMAGE_PIXELS, hidden), nn.ReLU(),
+                         nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, NUM_CLASSES))
+
+
+@register
+def tinyvgg(hidden_units: int = 10) -> nn.Module:
+    """TinyVGG: 2 x [conv3x3-ReLU-conv3x3-ReLU-maxpool2], then one linear layer."""
+    h = hidden_units
+
+    def block(cin: int) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(cin, h, 3, padding=1), nn.ReLU(),
+                             nn.Conv2d(h, h, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+
+    return nn.Sequential(block(1), block(h), nn.Flatten(), nn.Linear(h * 7 * 7, NUM_CLASSES))
+
+
+@register
+def fashionnet(channels1: int = 32, channels2: int = 64, hidden: int = 128,
+               dropout1: float = 0.25, dropout2: float = 0.5) -> nn.Module:
+    """Two convs, max pooling, dropout 0.25 / 0.5, two FC layers, log-softmax output."""
+    return nn.Sequential(
+        nn.Conv2d(1, channels1, 3), nn.ReLU(),
+        nn.Conv2d(channels1, channels2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(dropout1),
+        nn.Flatten(), nn.Linear(channels2 * 12 * 12, hidden), nn.ReLU(), nn.Dropout(dropout2),
+        nn.Linear(hidden, NUM_CLASSES), nn.LogSoftmax(dim=1),
+    )
+
+
+@register
+def ffn_bn(widths: list[int] = (512, 256, 128, 64), dropout: float = 0.2) -> nn.Module:
+    """Five fully connected layers of decreasing width; batch norm, ReLU and dropout after each but the last."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    cin = IMAGE_PIXELS
+    for w in widths:
+        layers += [nn.Linear(cin, w), nn.BatchNorm1d(w), nn.ReLU(), nn.Dropout(dropout)]
+        cin = w
+    layers.append(nn.Linear(cin, NUM_CLASSES))
+    return nn.Sequential(*layers)
+
+
+@register
+def cnn_bn(channels: list[int] = (32, 64, 128), fc: list[int] = (256, 128), dropout: float = 0.3) -> nn.Module:
+    """Three conv layers with batch norm and max pooling, three FC layers with dropout."""
+    layers: list[nn.Module] = []
+    cin, size = 1, 28
+    for c in channels:
+        layers += [nn.Conv2d(cin, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(), nn.MaxPool2d(2)]
+        cin, size = c, size // 2
+    layers.append(nn.Flatten())
+    fin = cin * size * size
+    for w in fc:
+        layers += [nn.Linear(fin, w), nn.ReLU(), nn.Dropout(dropout)]
+        fin = w
+    layers.append(nn.Linear(fin, NUM_CLASSES))
+    return nn.Sequential(*layers)
+
+
+# --------------------------------------------------------------------------- our own
+
+
+class _ConvGroup(nn.Sequential):
+    """conv3x3 -> maxpool2 -> BN -> GELU -> conv3x3 -> BN -> GELU (the airbench group)."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__(
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(cout), nn.GELU(),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.GELU(),
+        )
+
+
+@register
+def fmnet(widths: list[int] = (32, 64, 128), stem: int = 24) -> nn.Module:
+    """Our own: a small all-conv net in the style of airbench (stem conv, three
+    conv groups that halve the resolution, global max pool, one linear layer)."""
+    layers: list[nn.Module] = [nn.Conv2d(1, stem, 3, padding=1, bias=False), nn.BatchNorm2d(stem), nn.GELU()]
+    cin = stem
+    for w in widths:
+        layers.append(_ConvGroup(cin, w))
+        cin = w
+    layers += [nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(cin, NUM_CLASSES, bias=False)]
+    return nn.Sequential(*layers)
+
+
+def uses_channels_last(model: nn.Module) -> bool:
+    """Conv nets run faster in channels_last on oneDNN; pure MLPs gain nothing."""
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def first_conv(model: nn.Module) -> nn.Conv2d | None:
+    return next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+

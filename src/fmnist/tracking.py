@@ -1,0 +1,249 @@
+"""MLflow tracking: the only module that imports mlflow.
+
+Default store: ``sqlite:///<repository root>/mlflow.db`` with artifacts in
+``<repository root>/mlartifacts``, also when DVC runs a queued experiment in a
+temporary copy (DVC sets ``DVC_ROOT`` to the real root). ``MLFLOW_TRACKING_URI``
+points elsewhere (an MLflow server, say). Tracking never decides the result:
+the stages write the DVC metrics files themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import random
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, TypeVar
+
+from fmnist import FmnistError
+
+EXPERIMENT = "fashion-mnist"
+T = TypeVar("T")
+
+
+class TrackingError(FmnistError):
+    """The tracking store cannot be used. The message says what to do."""
+
+
+def repo_root() -> Path:
+    """The real repository root: DVC_ROOT when DVC runs us (in a temp copy for queued
+    experiments), else the nearest folder upwards holding dvc.yaml or .git."""
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    here = Path.cwd().resolve()
+    for d in (here, *here.parents):
+        if (d / "dvc.yaml").exists() or (d / ".git").exists():
+            return d
+    return here
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+def experiment_name() -> str:
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT
+
+
+def _retry(fn: Callable[[], T], tries: int = 20) -> T:
+    """SQLite allows one writer at a time; parallel experiments wait their turn."""
+    for i in range(tries):
+        try:
+            return fn()
+        except Exception as e:  # sqlalchemy OperationalError arrives wrapped in MlflowException
+            if "locked" not in str(e).lower() or i == tries - 1:
+                raise
+            time.sleep(0.05 * 2 ** min(i, 5) * (1 + random.random()))
+    raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Serialise creation of a SQLite store: several processes creating the schema
+    at once race (see DESIGN.md's pitfalls)."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def client():
+    """An MlflowClient on the store, with the experiment created; fails fast and
+    clearly when the store cannot be reached."""
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    from mlflow import MlflowClient
+
+    c = MlflowClient(tracking_uri=uri)
+    try:
+        with _store_lock(uri):
+            exp = _retry(lambda: c.get_experiment_by_name(experiment_name()))
+            if exp is None:
+                artifacts = None
+                if uri.startswith("sqlite:///"):
+                    artifacts = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+                _retry(lambda: c.create_experiment(experiment_name(), artifact_location=artifacts))
+    except Exception as e:
+        raise TrackingError(
+            f"MLflow tracking store {uri} cannot be used: {type(e).__name__}: {str(e).splitlines()[0][:300]}\n"
+            "Start the server, fix MLFLOW_TRACKING_URI, or unset it to use the local "
+            "sqlite:///<repo>/mlflow.db store.") from None
+    return c
+
+
+def _experiment_id(c) -> str:
+    return _retry(lambda: c.get_experiment_by_name(experiment_name())).experiment_id
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=repo_root())
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap_orphans(c, model: str) -> list[str]:
+    """Mark KILLED the RUNNING runs of ``model`` whose process on this host is gone
+    (a SIGKILL gives a process no chance to close its run)."""
+    host = socket.gethostname()
+    runs = _retry(lambda: c.search_runs(
+        [_experiment_id(c)], f"tags.model = '{model}' and attributes.status = 'RUNNING'", max_results=100))
+    reaped = []
+    for run in runs:
+        tags = run.data.tags
+        pid = tags.get("fmnist.pid")
+        if tags.get("fmnist.host") == host and pid and pid.isdigit() and not _pid_alive(int(pid)):
+            _retry(lambda: c.set_terminated(run.info.run_id, "KILLED"))
+            reaped.append(run.info.run_id)
+    return reaped
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = str(list(v) if isinstance(v, tuple) else v)
+    return out
+
+
+class Run:
+    """One training run: per-epoch metrics, final metrics and artifacts."""
+
+    def __init__(self, c, run_id: str):
+        self.client, self.run_id = c, run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        batch = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items()]
+        _retry(lambda: self.client.log_batch(self.run_id, metrics=batch, synchronous=True))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        _retry(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
+
+    def log_dict(self, obj: Any, name: str) -> None:
+        _retry(lambda: self.client.log_dict(self.run_id, obj, name))
+
+    def log_figure(self, fig: Any, name: str) -> None:
+        _retry(lambda: self.client.log_figure(self.run_id, fig, name))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            _retry(lambda k=k, v=v: self.client.set_tag(self.run_id, k, v))
+
+
+@contextlib.contextmanager
+def start_run(model: str, loss: str, params: dict[str, Any], run_id: str | None = None) -> Iterator[Run]:
+    """Open (or, to resume, reopen) the run ``MODEL-LOSS``; it ends FINISHED, or
+    FAILED on an error, or KILLED on Ctrl-C / SIGTERM."""
+    from mlflow.entities import Param, RunTag
+
+    c = client()
+    reap_orphans(c, model)
+    tags = {"model": model, "loss": loss, "fmnist.host": socket.gethostname(), "fmnist.pid": str(os.getpid())}
+    if commit := _git_commit():
+        tags["mlflow.source.git.commit"] = commit
+    if exp := os.environ.get("DVC_EXP_NAME"):
+        tags["dvc_exp_name"] = exp
+    if run_id is None:
+        run = _retry(lambda: c.create_run(_experiment_id(c), run_name=f"{model}-{loss}", tags=tags))
+        run_id = run.info.run_id
+        flat = flatten(params)
+        items = [Param(k, v[:6000]) for k, v in flat.items()]
+        for i in range(0, len(items), 100):
+            _retry(lambda i=i: c.log_batch(run_id, params=items[i:i + 100], synchronous=True))
+    else:  # resuming: the same run goes on
+        _retry(lambda: c.update_run(run_id, status="RUNNING"))
+        _retry(lambda: c.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()], synchronous=True))
+    try:
+        yield Run(c, run_id)
+    except KeyboardInterrupt:
+        _retry(lambda: c.set_terminated(run_id, "KILLED"))
+        raise
+    except BaseException:
+        _retry(lambda: c.set_terminated(run_id, "FAILED"))
+        raise
+    _retry(lambda: c.set_terminated(run_id, "FINISHED"))
+
+
+def existing_run(run_id: str | None) -> Run | None:
+    """The run a checkpoint names, if this store has it."""
+    if not run_id:
+        return None
+    c = client()
+    try:
+        _retry(lambda: c.get_run(run_id))
+    except Exception:
+        return None
+    return Run(c, run_id)
+
+
+def search_runs(experiment: str | None = None, filter_string: str = "") -> list[Any]:
+    """Every run of the experiment matching ``filter_string``, newest first."""
+    c = client() if experiment is None else _client_for(experiment)
+    exp = _retry(lambda: c.get_experiment_by_name(experiment or experiment_name()))
+    if exp is None:
+        return []
+    runs, token = [], None
+    while True:
+        page = _retry(lambda: c.search_runs([exp.experiment_id], filter_string, max_results=1000,
+                                            order_by=["attributes.start_time DESC"], page_token=token))
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _client_for(experiment: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri())
