@@ -1,0 +1,140 @@
+"""Reproducibility checks for CI (run by .ci/run; each exits non-zero on failure).
+
+  lock         the committed dvc.lock still matches the committed code and params
+  smoke        rewrite params.yaml into the smoke profile (or --print the `dvc exp run -S` set)
+  noop         a second `dvc repro` runs no stage, within 5 seconds
+  force STAGE  `dvc repro --force` of one train stage gives identical metrics
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+SMOKE_SUBSET = 3000
+# Metrics that measure the machine, not the result: they may differ between identical runs.
+TIMING_KEYS = {"train_time_s", "images_per_s"}
+
+
+def dvc(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=True, text=True)
+
+
+def lock() -> int:
+    """Stages whose code or params changed since dvc.lock was written. Data and
+    models are absent from a fresh clone (they live in DVC's cache/remote), so a
+    missing dependency or output is not staleness; a modified or new one is."""
+    if not Path("dvc.lock").exists():
+        print("lock: no dvc.lock committed; run `dvc repro` and commit dvc.lock", file=sys.stderr)
+        return 1
+    res = dvc("status", "--json")
+    if res.returncode != 0:
+        print(res.stdout + res.stderr, file=sys.stderr)
+        return 1
+    stale: dict[str, list[str]] = {}
+    for stage, changes in json.loads(res.stdout or "{}").items():
+        for change in changes:
+            if not isinstance(change, dict):
+                stale.setdefault(stage, []).append(str(change))
+                continue
+            for path, what in (change.get("changed deps") or {}).items():
+                if isinstance(what, dict):  # params file: {"train.lr": "modified"}
+                    stale.setdefault(stage, []).extend(f"{path}:{k} {v}" for k, v in what.items())
+                elif what != "deleted":
+                    stale.setdefault(stage, []).append(f"{path} {what}")
+    if stale:
+        print("lock: dvc.lock no longer matches the committed code and params.\n"
+              "These stages are stale (the results committed with them were not produced by this code):",
+              file=sys.stderr)
+        for stage, why in stale.items():
+            print(f"  {stage}: {', '.join(why)}", file=sys.stderr)
+        print("Run `dvc repro` (make pipeline) and commit dvc.lock with the results.", file=sys.stderr)
+        return 1
+    print("lock: dvc.lock matches the committed code and params")
+    return 0
+
+
+def smoke_overrides(params: dict) -> list[str]:
+    """The smoke profile as `-S` overrides: a stratified subset, one epoch, every model."""
+    out = [f"train.subset={SMOKE_SUBSET}", "train.epochs=1"]
+    for name, entry in (params.get("models") or {}).items():
+        if isinstance(entry, dict) and isinstance(entry.get("train"), dict) and "epochs" in entry["train"]:
+            out.append(f"models.{name}.train.epochs=1")
+    return out
+
+
+def smoke(argv: list[str]) -> int:
+    from fmnist import config
+
+    raw = yaml.safe_load(Path("params.yaml").read_text())
+    sets = smoke_overrides(raw)
+    if "--print" in argv:
+        print(" ".join(f"-S {s}" for s in sets))
+        return 0
+    for s in sets:
+        raw = config.apply_override(raw, s)
+    config.validate(raw)
+    Path("params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    print("smoke: params.yaml rewritten with " + " ".join(sets))
+    return 0
+
+
+def noop() -> int:
+    t0 = time.perf_counter()
+    res = dvc("repro")
+    dt = time.perf_counter() - t0
+    out = res.stdout + res.stderr
+    if res.returncode != 0 or "Running stage" in out:
+        print(f"noop: a second `dvc repro` ran stages:\n{out}", file=sys.stderr)
+        return 1
+    status = dvc("status", "--json")
+    if json.loads(status.stdout or "{}"):
+        print(f"noop: `dvc status` is not clean:\n{status.stdout}", file=sys.stderr)
+        return 1
+    print(f"noop: second `dvc repro` ran nothing in {dt:.1f} s; `dvc status` clean")
+    if dt > 5:
+        print("noop: slower than the 5 s goal", file=sys.stderr)
+        return 1
+    return 0
+
+
+def force(stage: str) -> int:
+    model = stage.split("@", 1)[1]
+    path = Path("reports/train") / model / "metrics.json"
+    before = json.loads(path.read_text())
+    res = dvc("repro", "--force", "--single-item", stage)
+    if res.returncode != 0:
+        print(res.stdout + res.stderr, file=sys.stderr)
+        return 1
+    after = json.loads(path.read_text())
+    diff = {k: (before.get(k), after.get(k)) for k in before.keys() | after.keys()
+            if k not in TIMING_KEYS and before.get(k) != after.get(k)}
+    if diff:
+        print(f"force: {stage} forced again gave different metrics: {diff}", file=sys.stderr)
+        return 1
+    print(f"force: {stage} forced again gave identical metrics "
+          f"({', '.join(f'{k}={v}' for k, v in after.items() if k not in TIMING_KEYS)})")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    cmd = argv[0] if argv else ""
+    if cmd == "lock":
+        return lock()
+    if cmd == "smoke":
+        return smoke(argv[1:])
+    if cmd == "noop":
+        return noop()
+    if cmd == "force" and len(argv) == 2:
+        return force(argv[1])
+    print(__doc__, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
