@@ -5,13 +5,14 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup pipeline test smoke bench plots ui clean help
+.PHONY: setup pipeline test smoke exps bench plots ui clean help
 
 help:
 	@echo "make pipeline   set up .venv, then dvc repro (download, preprocess, train, evaluate, report)"
 	@echo "make test       set up .venv, then run the test suite"
 	@echo "make smoke      the whole pipeline on the smoke profile (params-smoke.yaml), a few minutes"
 	@echo "make bench      the benchmarks against the published recipe (benchmarks/README in README.md)"
+	@echo "make exps       dvc exp show, only the columns that matter"
 	@echo "make ui         the MLflow UI on http://127.0.0.1:5000"
 
 setup: $(STAMP)
@@ -29,8 +30,13 @@ pipeline: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# The smoke profile as an experiment in a temp copy: a 3,000-image subset, 1 epoch, every model.
 smoke: $(STAMP)
-	$(BIN)/python -m fmnist.ci smoke
+	$(BIN)/dvc exp run --temp $$($(BIN)/python .ci/repro_check.py smoke --print)
+
+EXP_COLUMNS := Experiment|Created|State|loss|train\.lr|train\.epochs|.*:epochs|.*:test_accuracy|.*:test_loss|.*:train_time_s
+exps: $(STAMP)
+	$(BIN)/dvc exp show --drop '.*' --keep '$(EXP_COLUMNS)'
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run

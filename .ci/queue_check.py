@@ -26,10 +26,10 @@ def main() -> int:
     models = list(yaml.safe_load(Path("params.yaml").read_text())["models"])
     stamp = f"{int(time.time())}"
     names = {f"{name}-{stamp}": args for name, args in EXPERIMENTS.items()}
+    t0 = time.time()
     for name, args in names.items():
         sh("dvc", "exp", "run", "--queue", "-n", name, *args)
     sh("dvc", "queue", "start", "-j", "2")
-    t0 = time.time()
     while True:
         status = sh("dvc", "queue", "status")
         if not any(w in status for w in ("Running", "Queued")):
