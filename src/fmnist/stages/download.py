@@ -45,7 +45,7 @@ def run(source: str | None = None, out: str | Path = RAW_DIR, progress: bool = T
 
 def _fetch_first(candidates: list[src.Source], f: src.RawFile, progress: bool) -> bytes:
     problems = []
-    for source in candidates:
+    for source in list(candidates):
         try:
             data = src.fetch(source, f, progress=progress)
             log.info("%s: verified from %s", f.name, source)
@@ -59,5 +59,7 @@ def _fetch_first(candidates: list[src.Source], f: src.RawFile, progress: bool) -
             if source.kind == "given":
                 raise DataError(f"{f.name}: cannot read it from {source.location}: {e}") from None
             problems.append(f"  - {source}: {e}")
+            if source.is_url and not isinstance(e, FileNotFoundError):
+                candidates.remove(source)  # unreachable: don't wait on it again for the other files
     tried = "\n".join(problems) or "  (none)"
     raise DataError(f"{f.name}: no source could provide it. Tried:\n{tried}\n{src.HOW_TO_PROVIDE}")
