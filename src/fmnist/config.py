@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,35 @@ class Config:
 
 # --------------------------------------------------------------------------- loading
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with two fixes: ``lr: 1e-3`` is a number (as in YAML 1.2 and
+    DVC's parser, not PyYAML's string), and a key given twice is an error, not a silent override."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice; keep one",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+                              list("-+.0123456789"))
+
+
+def _yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:  # one line: what and where, not PyYAML's multi-line report
+        mark = getattr(e, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"{where}: not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+
+
 def load(path: str | Path = PARAMS_FILE, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read and validate params.yaml, applying ``key=value`` overrides (as `dvc exp run -S`)."""
     path = Path(path)
@@ -134,10 +164,7 @@ def load(path: str | Path = PARAMS_FILE, overrides: list[str] | tuple[str, ...] 
         text = path.read_text()
     except FileNotFoundError:
         raise ConfigError(f"{path}: not found; run from the repository root or pass --params") from None
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    raw = _yaml(text, str(path)) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: must be a mapping of keys to values")
     for item in overrides:
@@ -158,12 +185,14 @@ def apply_override(raw: dict[str, Any], item: str) -> dict[str, Any]:
     for i, part in enumerate(parts[:-1]):
         if not isinstance(node.get(part), dict):
             if not add:
-                raise ConfigError(f"--set {item!r}: no key {'.'.join(parts[:i + 1])!r} in params.yaml (use +{key} to add one)")
+                raise ConfigError(f"--set {item!r}: no key {'.'.join(parts[:i + 1])!r} in params.yaml "
+                                  f"(use +{key} to add one); allowed: {', '.join(sorted(map(str, node)))}")
             node[part] = {}
         node = node[part]
     if parts[-1] not in node and not add:
-        raise ConfigError(f"--set {item!r}: no key {key!r} in params.yaml (use +{key} to add one)")
-    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+        raise ConfigError(f"--set {item!r}: no key {key!r} in params.yaml (use +{key} to add one); "
+                          f"allowed: {', '.join(sorted(map(str, node)))}")
+    node[parts[-1]] = _yaml(value, f"--set {item!r}") if value.strip() else None
     return raw
 
 

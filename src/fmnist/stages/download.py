@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 
-from fmnist.atomic import atomic_path
+from fmnist.atomic import atomic_open
 from fmnist.data import RAW_DIR, DataError
 from fmnist.data import sources as src
 
@@ -16,31 +14,33 @@ log = logging.getLogger(__name__)
 
 def run(source: str | None = None, out: str | Path = RAW_DIR, progress: bool = True) -> list[Path]:
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     candidates = src.sources(source)
-    # Stage every file first; only when all four are verified do they replace data/raw/.
-    staging = Path(tempfile.mkdtemp(prefix=".download-", dir=out.parent))
+    given = any(c.kind == "given" for c in candidates)
+    # Fetch and verify every missing file first (55 MB at most, held in memory); only when all
+    # four are good do they replace data/raw/, each one atomically. A source the user names is
+    # always checked, so a wrong one is reported even when data/raw/ is already complete.
+    fetched: dict[str, bytes] = {}
+    for f in src.FILES:
+        existing = out / f.name
+        present = existing.is_file() and existing.stat().st_size == f.size and _verified(existing, f)
+        if present and not given:
+            log.info("%s: already present and verified", existing)
+            continue
+        data = _fetch_first(candidates, f, progress)
+        if not present:  # a verified file already there holds these very bytes: leave it untouched
+            fetched[f.name] = data
+    for name, data in fetched.items():
+        with atomic_open(out / name, "wb") as fh:
+            fh.write(data)
+    return [out / f.name for f in src.FILES]
+
+
+def _verified(path: Path, f: src.RawFile) -> bool:
     try:
-        for f in src.FILES:
-            existing = out / f.name
-            if existing.is_file() and existing.stat().st_size == f.size:
-                try:
-                    src.verify(existing.read_bytes(), f, str(existing))
-                    log.info("%s: already present and verified", existing)
-                    continue
-                except DataError:
-                    pass
-            (staging / f.name).write_bytes(_fetch_first(candidates, f, progress))
-        written = []
-        for f in src.FILES:
-            staged = staging / f.name
-            if staged.exists():
-                with atomic_path(out / f.name) as tmp:
-                    shutil.move(staged, tmp)
-            written.append(out / f.name)
-        return written
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        src.verify(path.read_bytes(), f, str(path))
+        return True
+    except DataError:
+        return False
 
 
 def _fetch_first(candidates: list[src.Source], f: src.RawFile, progress: bool) -> bytes:

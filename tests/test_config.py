@@ -1,0 +1,269 @@
+"""params.yaml -> typed, frozen config: every bad value exits 2 with one line naming its key,
+before any work; `--set` overrides; a model's own `train:` overrides."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from conftest import REPO, write_raw
+from fmnist import cli, config
+from fmnist.config import ConfigError
+
+BASE = yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def with_value(key: str, value: Any) -> dict[str, Any]:
+    """A copy of the repository's params with one dotted key set (created if absent)."""
+    raw = copy.deepcopy(BASE)
+    *parents, last = key.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value
+    return raw
+
+
+def write_params(folder: Path, raw: dict[str, Any] | str) -> Path:
+    path = folder / "params.yaml"
+    path.write_text(raw if isinstance(raw, str) else yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture
+def restore_sigterm():
+    old = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, old)
+
+
+# --------------------------------------------------------------------------- the good file
+
+def test_repository_params_load_typed_and_frozen():
+    cfg = config.load(REPO / "params.yaml")
+    assert cfg.seed == 42 and cfg.loss == "ce" and cfg.data.val_fraction == 0.1
+    assert isinstance(cfg.train.lr, float) and isinstance(cfg.train.epochs, int)
+    assert cfg.focal == config.FocalConfig(gamma=2.0, alpha=1.0)
+    assert cfg.models == tuple(BASE["models"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.lr = 1.0  # type: ignore[misc]
+    for name in cfg.models:
+        assert cfg.model(name).arch == name
+
+
+def test_defaults_fill_a_minimal_file(tmp_path):
+    cfg = config.load(write_params(tmp_path, "models:\n  mlp: {}\n"))
+    assert cfg.seed == 42 and cfg.loss == "ce"
+    assert cfg.data == config.DataConfig() and cfg.train == config.TrainConfig()
+    assert cfg.model("mlp").hparams == {} and cfg.model("mlp").train == config.TrainConfig()
+
+
+def test_yaml_1_2_numbers_and_focal_alpha_list(tmp_path):
+    text = (REPO / "params.yaml").read_text().replace("lr: 0.002", "lr: 1e-3")
+    text = text.replace("alpha: 1.0 ", "alpha: [1, 1, 1, 1, 1, 1, 2.5, 1, 1, 1] ")
+    cfg = config.load(write_params(tmp_path, text))
+    assert cfg.train.lr == 0.001
+    assert cfg.focal.alpha == (1.0,) * 6 + (2.5,) + (1.0,) * 3
+    with pytest.raises(ConfigError, match=r"^train\.lr: must be a number, got '1e-3'$"):  # quoted: a string
+        config.load(write_params(tmp_path, text.replace("lr: 1e-3", 'lr: "1e-3"')))
+
+
+# --------------------------------------------------------------------------- bad values
+
+BAD = [  # (dotted key, value, key the message must start with, words it must contain)
+    ("lrr", 0.1, "lrr", "unknown key; allowed: data, focal, loss, models, seed, train"),
+    ("train.lrr", 0.1, "train.lrr", "unknown key; allowed:"),
+    ("train.augment.flipp", True, "train.augment.flipp", "allowed: erase, flip, shift"),
+    ("data.val_frac", 0.2, "data.val_frac", "allowed: val_fraction"),
+    ("focal.beta", 1, "focal.beta", "allowed: alpha, gamma"),
+    ("models.resnet9000", {}, "models.resnet9000", "unknown architecture 'resnet9000'; allowed: linear, mlp"),
+    ("models.mlp", 5, "models.mlp", "must be a mapping"),
+    ("models.mlp.hiddn", 5, "models.mlp.hiddn", "unknown hyperparameter of mlp; allowed: hidden"),
+    ("models.mlp.hidden", 0, "models.mlp.hidden", "integer >= 1"),
+    ("models.ffn_bn.dropout", 1.5, "models.ffn_bn.dropout", "[0, 1)"),
+    ("models.fmnet.train.lrr", 0.1, "models.fmnet.train.lrr", "unknown key"),
+    ("models.fmnet.train.lr", -1, "models.fmnet.train.lr", "> 0"),
+    ("models.fmnet.train.augment.shift", 9, "models.fmnet.train.augment.shift", "[0, 8]"),
+    ("loss", "foo", "loss", "must be one of ce, focal; got 'foo'"),
+    ("train.lr", 0, "train.lr", "must be > 0, got 0"),
+    ("train.lr", -0.01, "train.lr", "must be > 0"),
+    ("train.lr", "fast", "train.lr", "must be a number, got 'fast'"),
+    ("train.epochs", 0, "train.epochs", "must be >= 1, got 0"),
+    ("train.epochs", 2.5, "train.epochs", "must be an integer"),
+    ("train.epochs", True, "train.epochs", "must be an integer"),
+    ("train.batch_size", None, "train.batch_size", "must be an integer"),
+    ("train.optimizer", "lbfgs", "train.optimizer", "sgd, adam, adamw, rmsprop"),
+    ("train.schedule", "linear", "train.schedule", "none, step, cosine, onecycle"),
+    ("train.device", "tpu", "train.device", "auto, cpu, cuda"),
+    ("train.nesterov", "maybe", "train.nesterov", "true or false"),
+    ("train.nesterov", True, "train.nesterov", "optimizer sgd"),
+    ("train.momentum", 1.5, "train.momentum", "[0, 1]"),
+    ("train.weight_decay", -1e-4, "train.weight_decay", ">= 0"),
+    ("train.label_smoothing", 1.0, "train.label_smoothing", "[0, 1)"),
+    ("train.subset", 5, "train.subset", "at least 10"),
+    ("train.augment", [1], "train.augment", "must be a mapping"),
+    ("train", "fast", "train", "must be a mapping"),
+    ("focal.gamma", -1, "focal.gamma", "must be >= 0, got -1"),
+    ("focal.alpha", [1.0] * 9, "focal.alpha", "one weight per class (10), got 9"),
+    ("focal.alpha", [1.0] * 11, "focal.alpha", "got 11"),
+    ("focal.alpha", [1.0] * 9 + [-1.0], "focal.alpha[9]", ">= 0"),
+    ("focal.alpha", "high", "focal.alpha", "must be a number"),
+    ("data.val_fraction", 1.5, "data.val_fraction", "must be in (0, 1), got 1.5"),
+    ("data.val_fraction", 0, "data.val_fraction", "must be in (0, 1), got 0"),
+    ("data.val_fraction", 1, "data.val_fraction", "(0, 1)"),
+    ("data.val_fraction", "0.1", "data.val_fraction", "must be a number"),
+    ("data", [0.1], "data", "must be a mapping"),
+    ("seed", -1, "seed", ">= 0"),
+    ("seed", "abc", "seed", "must be an integer"),
+    ("models", {}, "models", "at least one"),
+]
+
+
+@pytest.mark.parametrize("key,value,names,says", BAD, ids=[f"{k}={v!r}" for k, v, _, _ in BAD])
+def test_bad_value_names_its_key(tmp_path, key, value, names, says):
+    with pytest.raises(ConfigError) as e:
+        config.load(write_params(tmp_path, with_value(key, value)))
+    msg = str(e.value)
+    assert msg.startswith(names + ":") and says in msg
+    assert "\n" not in msg and e.value.exit_code == 2
+
+
+@pytest.mark.parametrize("text,says", [
+    ("- 1\n- 2\n", "must be a mapping"),
+    ("seed: [1\n", "not valid YAML (line 2"),
+    ("seed: 1\ntrain:\n  lr: 0.1\n  lr: 0.2\n", "not valid YAML (line 4, column 3): key 'lr' given twice"),
+])
+def test_unreadable_file_is_one_line(tmp_path, text, says):
+    path = write_params(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        config.load(path)
+    assert str(e.value).startswith(f"{path}: ") and says in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found; run from the repository root or pass --params"):
+        config.load(tmp_path / "params.yaml")
+
+
+def test_unknown_model_name():
+    cfg = config.load(REPO / "params.yaml")
+    with pytest.raises(ConfigError) as e:
+        cfg.model("resnet")
+    assert str(e.value).startswith("model 'resnet': not in params.yaml") and "mlp" in str(e.value)
+
+
+# --------------------------------------------------------------------------- --set overrides
+
+def test_set_overrides_existing_keys_with_yaml_values():
+    cfg = config.load(REPO / "params.yaml", ["train.lr=1e-3", "loss=focal", "train.augment.flip=true",
+                                             "focal.alpha=[1, 1, 1, 1, 1, 1, 3, 1, 1, 1]", "seed=7"])
+    assert cfg.train.lr == 0.001 and cfg.loss == "focal" and cfg.train.augment.flip is True and cfg.seed == 7
+    assert cfg.focal.alpha[6] == 3.0
+    assert config.load(REPO / "params.yaml").train.lr == 0.002  # the file itself is untouched
+
+
+@pytest.mark.parametrize("item,says", [
+    ("train.lrr=0.1", "no key 'train.lrr' in params.yaml (use +train.lrr to add one)"),
+    ("trian.lr=0.1", "no key 'trian' in params.yaml"),
+    ("train.lr", "expected key=value"),
+    ("=1", "expected key=value"),
+    ("train.lr=[0.1", "not valid YAML"),
+])
+def test_set_rejects_missing_keys_and_bad_syntax(item, says):
+    with pytest.raises(ConfigError) as e:
+        config.load(REPO / "params.yaml", [item])
+    assert says in str(e.value) and "\n" not in str(e.value) and e.value.exit_code == 2
+
+
+def test_set_values_are_validated_like_the_file():
+    with pytest.raises(ConfigError, match=r"^train\.epochs: must be >= 1, got 0$"):
+        config.load(REPO / "params.yaml", ["train.epochs=0"])
+
+
+def test_plus_adds_a_key(tmp_path):
+    path = write_params(tmp_path, "models:\n  mlp: {}\n")
+    with pytest.raises(ConfigError, match="no key 'train'"):
+        config.load(path, ["train.lr=0.5"])
+    cfg = config.load(path, ["+train.lr=0.5", "+models.wide.arch=mlp", "+models.wide.hidden=64"])
+    assert cfg.train.lr == 0.5 and cfg.models == ("mlp", "wide")
+    wide = cfg.model("wide")
+    assert wide.arch == "mlp" and wide.hparams == {"hidden": 64} and wide.train.lr == 0.5
+    with pytest.raises(ConfigError, match=r"^train\.bogus: unknown key"):  # added, then validated
+        config.load(path, ["+train.bogus=1"])
+
+
+# --------------------------------------------------------------------------- a model's own train: overrides
+
+def test_model_train_overrides_merge_over_the_shared_section():
+    cfg = config.load(REPO / "params.yaml")
+    fmnet, mlp = cfg.model("fmnet").train, cfg.model("mlp").train
+    assert mlp == cfg.train
+    assert (fmnet.epochs, fmnet.batch_size, fmnet.lr, fmnet.label_smoothing, fmnet.tta_flip) == (
+        8, 256, 0.004, 0.1, True)
+    assert fmnet.augment == config.AugmentConfig(flip=True, shift=2, erase=0.0)  # erase from train.augment
+    assert (fmnet.optimizer, fmnet.weight_decay, fmnet.schedule) == (cfg.train.optimizer, cfg.train.weight_decay,
+                                                                     cfg.train.schedule)
+    # A change to the shared section reaches every model that does not set the key itself.
+    cfg = config.load(REPO / "params.yaml", ["train.weight_decay=0.01", "train.augment.erase=0.25",
+                                             "train.lr=0.1"])
+    fmnet = cfg.model("fmnet").train
+    assert fmnet.weight_decay == 0.01 and fmnet.augment == config.AugmentConfig(flip=True, shift=2, erase=0.25)
+    assert fmnet.lr == 0.004 and cfg.model("mlp").train.lr == 0.1
+
+
+def test_params_hash_follows_what_changes_a_model():
+    base = config.load(REPO / "params.yaml")
+    h = lambda overrides, name="mlp": config.load(REPO / "params.yaml", overrides).params_hash(name)  # noqa: E731
+    assert h([]) == base.params_hash("mlp") and len(h([])) == 16
+    assert h(["train.lr=0.01"]) != h([])
+    assert h(["seed=1"]) != h([])
+    assert h(["models.mlp.hidden=11"]) != h([])
+    assert h(["models.fmnet.train.lr=0.01"]) == h([])  # another model's override
+    assert h(["train.resume=true"]) == h([])  # how a run is carried out, not what it computes
+    assert h(["focal.gamma=3"]) == h([])  # unused under loss: ce ...
+    assert h(["loss=focal", "focal.gamma=3"]) != h(["loss=focal"])  # ... used under focal
+    assert h(["models.fmnet.train.lr=0.01"], "fmnet") != h([], "fmnet")
+
+
+# --------------------------------------------------------------------------- through the CLI
+
+@pytest.mark.parametrize("key,value", [("data.val_fraction", 1.5), ("train.lrr", 0.1), ("loss", "foo"),
+                                       ("models.resnet9000", {}), ("extra", 1)])
+def test_cli_preprocess_exits_2_before_any_work(tmp_path, monkeypatch, capsys, restore_sigterm, key, value):
+    write_raw(tmp_path / "data" / "raw", n_train=60, n_test=20)  # good data: only the params are wrong
+    write_params(tmp_path, with_value(key, value))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["preprocess", "--params", "params.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"fmnist preprocess: error: {key}:") and err.count("\n") == 1
+    assert not (tmp_path / "data" / "processed").exists()
+
+
+def test_cli_preprocess_runs_with_good_params(tmp_path, monkeypatch, capsys, restore_sigterm):
+    write_raw(tmp_path / "data" / "raw", n_train=60, n_test=20)
+    write_params(tmp_path, with_value("data.val_fraction", 0.5))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["preprocess", "--params", "params.yaml"]) == 0
+    assert capsys.readouterr().out.strip() == "train: 30, val: 30, test: 20"
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["train", "mlp", "--set", "train.epochs=0"], "train.epochs: must be >= 1"),
+    (["train", "mlp", "--set", "train.lrr=0.1"], "no key 'train.lrr'"),
+    (["train", "resnet"], "model 'resnet': not in params.yaml"),
+    (["evaluate", "mlp", "--set", "loss=foo"], "loss: must be one of ce, focal"),
+])
+def test_cli_train_and_evaluate_exit_2_before_any_work(tmp_path, monkeypatch, capsys, restore_sigterm, argv, says):
+    write_params(tmp_path, BASE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"fmnist {argv[0]}: error: ") and says in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # no models/, reports/, mlflow.db
