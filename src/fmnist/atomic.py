@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import glob
 import json
 import os
 import tempfile
@@ -32,6 +33,14 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def remove_stale(*paths: str | Path) -> None:
+    """Remove the temp files that a writer killed inside ``atomic_path`` (SIGKILL, power loss)
+    left beside ``paths``. Call it only where no other process is writing those paths."""
+    for path in map(Path, paths):
+        for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -60,10 +69,13 @@ def write_csv(path: str | Path, rows: list[dict[str, Any]], fieldnames: list[str
 
 
 def torch_save(path: str | Path, obj: Any) -> None:
+    """Saved through a file object: given a path, torch.save names the archive inside after the
+    (random) temp file, so the same tensors would give other bytes each time and DVC would see a
+    changed output (and re-run every stage downstream)."""
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def save_figure(path: str | Path, fig: Any, **kwargs: Any) -> None:

@@ -8,6 +8,7 @@ else (code, say) is refused before it runs.
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -44,13 +45,15 @@ def load_file(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: no such file; train it with `dvc repro` or `fmnist train MODEL`")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise CheckpointError(f"{path}: refused: it holds objects other than tensors and plain values, "
-                              f"which could run code when loaded ({first}). Only load checkpoints you trust "
-                              "the origin of; fmnist checkpoints never need this.") from None
-    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]}); "
+    except (pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        text = " ".join(str(e).split())
+        if "Weights only load failed" in text:  # torch's own text advises weights_only=False: name the culprit
+            unsafe = re.search(r"GLOBAL (\S+)", text)
+            what = f"it would call {unsafe.group(1)}" if unsafe else "it holds objects other than tensors"
+            raise CheckpointError(f"{path}: refused: {what}, which could run code when loaded. fmnist "
+                                  "checkpoints hold only tensors and plain values; use files whose origin you "
+                                  "trust.") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {text[:200]}); "
                               "it may be truncated: re-run `dvc repro` to rebuild it") from None
 
 

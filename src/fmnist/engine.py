@@ -191,6 +191,8 @@ def fit(model: nn.Module, train: Split, val: Split, stats: Stats, cfg: TrainConf
         torch.set_rng_state(resume["torch_rng"])
         history, best, bad_epochs = list(resume["history"]), dict(resume["best"]), resume["bad_epochs"]
         train_time, start_epoch = resume["train_time_s"], resume["epoch"] + 1
+    # A run saved in the epoch that triggered early stopping resumes as stopped.
+    stopped = bool(cfg.patience) and bad_epochs >= cfg.patience and start_epoch <= cfg.epochs
     elapsed0 = history[-1]["elapsed_s"] if history else 0.0
     t_start = time.perf_counter()
 
@@ -200,7 +202,6 @@ def fit(model: nn.Module, train: Split, val: Split, stats: Stats, cfg: TrainConf
                 "torch_rng": torch.get_rng_state(), "history": history, "best": best,
                 "bad_epochs": bad_epochs, "train_time_s": train_time}
 
-    stopped = False
     for epoch in range(start_epoch, cfg.epochs + 1):
         if stopped:
             break

@@ -78,18 +78,42 @@ def _store_lock(uri: str) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+# The first contact with a tracking server gives up in seconds (MLflow's defaults retry for minutes);
+# the requests made during training keep MLflow's patient defaults. A user's own settings win.
+FIRST_CONTACT_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+
+
+@contextlib.contextmanager
+def _first_contact(uri: str) -> Iterator[None]:
+    unset = [k for k in FIRST_CONTACT_HTTP if k not in os.environ] if uri.startswith(("http:", "https:")) else []
+    os.environ.update({k: FIRST_CONTACT_HTTP[k] for k in unset})
+    try:
+        yield
+    finally:
+        for k in unset:
+            os.environ.pop(k, None)
+
+
+def _cause(e: Exception) -> str:
+    """Why a store cannot be used, in a few words rather than MLflow's paragraph."""
+    text = " ".join(str(e).split())
+    for needle, words in (("Connection refused", "connection refused"), ("timed out", "timed out"),
+                          ("Name or service not known", "unknown host"),
+                          ("Temporary failure in name resolution", "unknown host")):
+        if needle in text:
+            return words
+    return f"{type(e).__name__}: {text[:300]}"
+
+
 def client():
     """An MlflowClient on the store, with the experiment created; fails fast and
     clearly when the store cannot be reached."""
     uri = tracking_uri()
-    if uri.startswith(("http://", "https://")):
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     from mlflow import MlflowClient
 
-    c = MlflowClient(tracking_uri=uri)
     try:
-        with _store_lock(uri):
+        with _first_contact(uri), _store_lock(uri):
+            c = MlflowClient(tracking_uri=uri)  # creates a new SQLite store's tables: under the lock
             exp = _retry(lambda: c.get_experiment_by_name(experiment_name()))
             if exp is None:
                 artifacts = None
@@ -97,10 +121,9 @@ def client():
                     artifacts = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
                 _retry(lambda: c.create_experiment(experiment_name(), artifact_location=artifacts))
     except Exception as e:
-        raise TrackingError(
-            f"MLflow tracking store {uri} cannot be used: {type(e).__name__}: {str(e).splitlines()[0][:300]}\n"
-            "Start the server, fix MLFLOW_TRACKING_URI, or unset it to use the local "
-            "sqlite:///<repo>/mlflow.db store.") from None
+        raise TrackingError(f"MLflow tracking store {uri} cannot be used ({_cause(e)}); start the server, "
+                            "fix MLFLOW_TRACKING_URI, or unset it to use the local sqlite:///<repo>/mlflow.db "
+                            "store") from None
     return c
 
 
@@ -247,3 +270,40 @@ def _client_for(experiment: str):
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri())
+
+
+def finished_runs(experiment: str | None = None, tags: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """The FINISHED runs of an experiment carrying every tag in ``tags``, newest first, as plain
+    dicts (run_id, start_time, tags, metrics), so callers never touch MLflow objects."""
+    from mlflow import MlflowClient
+
+    name = experiment or experiment_name()
+    uri = tracking_uri()
+    where = ["attributes.status = 'FINISHED'"]
+    for k, v in (tags or {}).items():
+        if any(q in k for q in "`'\"") or "'" in v:
+            raise TrackingError(f"tag filter {k}={v}: quotes and backticks are not allowed")
+        where.append(f"tags.`{k}` = '{v}'")
+    try:
+        with _first_contact(uri):
+            c = MlflowClient(tracking_uri=uri)
+            exp = _retry(lambda: c.get_experiment_by_name(name))
+        if exp is None:
+            names = sorted(e.name for e in _retry(lambda: c.search_experiments()))
+            raise TrackingError(f"no MLflow experiment {name!r} in {uri}; "
+                                f"experiments there: {', '.join(names) or 'none'}")
+        runs, token = [], None
+        while True:
+            page = _retry(lambda: c.search_runs([exp.experiment_id], " and ".join(where), max_results=1000,
+                                                order_by=["attributes.start_time DESC"], page_token=token))
+            runs.extend(page)
+            token = page.token
+            if not token:
+                break
+    except TrackingError:
+        raise
+    except Exception as e:
+        raise TrackingError(f"MLflow tracking store {uri} cannot be read ({_cause(e)}); start the server, "
+                            "fix MLFLOW_TRACKING_URI, or unset it to use the local store") from None
+    return [{"run_id": r.info.run_id, "start_time": r.info.start_time, "tags": dict(r.data.tags),
+             "metrics": dict(r.data.metrics)} for r in runs]

@@ -8,6 +8,7 @@ batches: no per-sample Python, no PIL, no worker processes.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -62,8 +63,13 @@ def load_split(name: str, root: str | Path = PROCESSED_DIR) -> Split:
     try:
         d = torch.load(path, weights_only=True)
         split = Split(d["images"], d["labels"], d["index"])
-    except Exception as e:  # truncated zip, wrong keys, not a torch file
-        raise DataError(f"{path}: unreadable ({type(e).__name__}: {e}); run `dvc repro` to rebuild it") from None
+    except Exception as e:  # truncated zip, wrong keys, not a torch file, pickled code (refused, not run)
+        unsafe = re.search(r"GLOBAL (\S+)", str(e))
+        why = (f"it would call {unsafe.group(1)}; refused" if unsafe
+               else f"{type(e).__name__}: {' '.join(str(e).split())[:200]}")
+        raise DataError(f"{path}: unreadable ({why}); run `dvc repro` to rebuild it") from None
+    if not all(isinstance(t, torch.Tensor) for t in (split.images, split.labels, split.index)):
+        raise DataError(f"{path}: does not hold tensors; run `dvc repro` to rebuild it")
     n = len(split.labels)
     if (split.images.dtype != torch.uint8 or split.images.shape[1:] != (28, 28) or len(split.images) != n
             or split.labels.dtype != torch.int64 or len(split.index) != n):

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from fmnist import checkpoint, engine, losses, models
-from fmnist.atomic import torch_save, write_csv, write_json
+from fmnist.atomic import remove_stale, torch_save, write_csv, write_json
 from fmnist.config import Config, ConfigError
 from fmnist.data import PROCESSED_DIR
 from fmnist.data.loader import load_split, load_stats, stratified_indices
@@ -40,13 +40,14 @@ def run(cfg: Config, name: str, resume: bool = False, progress: bool = True,
     train, val, stats = load_split("train", processed), load_split("val", processed), load_stats(processed)
     if tc.subset:
         if tc.subset > len(train):
-            raise ConfigError(f"models.{name}.train.subset: {tc.subset} is more than the "
-                              f"{len(train)} training images; use 0 for all")
+            raise ConfigError(f"{_key(cfg, name, 'subset')}: {tc.subset} is more than the "
+                              f"{len(train)} training images; allowed: 0 (all) or 10..{len(train)}")
         train = train.take(stratified_indices(train.labels, tc.subset, torch.Generator().manual_seed(cfg.seed)))
     if tc.batch_size > len(train):
-        raise ConfigError(f"train.batch_size: {tc.batch_size} is larger than the training split "
+        raise ConfigError(f"{_key(cfg, name, 'batch_size')}: {tc.batch_size} is larger than the training split "
                           f"({len(train)} images); allowed: 1..{len(train)}")
 
+    remove_stale(*out.values())  # left by a run killed while writing
     params_hash = cfg.params_hash(name)
     state = _resume_state(out["resume"], params_hash) if (resume or tc.resume) else None
     engine.seed_everything(cfg.seed)
@@ -82,6 +83,12 @@ def run(cfg: Config, name: str, resume: bool = False, progress: bool = True,
         run.log_artifact(out["history"])
     out["resume"].unlink(missing_ok=True)
     return metrics
+
+
+def _key(cfg: Config, name: str, field: str) -> str:
+    """The params.yaml key that sets a model's ``train.<field>``: its own override, or the shared one."""
+    own = (cfg.raw["models"][name] or {}).get("train") or {}
+    return f"models.{name}.train.{field}" if field in own else f"train.{field}"
 
 
 def _resume_state(path: Path, params_hash: str) -> dict | None:
