@@ -1,0 +1,159 @@
+"""The architecture registry: every entry maps (N, 1, 28, 28) to (N, 10), each published model has
+the layers the issue describes, the registry refuses what it does not know, and a checkpoint
+rebuilds any of them from the file alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fmnist import checkpoint, config, models
+from fmnist.config import ConfigError
+from fmnist.data import CLASSES
+from fmnist.data.loader import Stats
+
+from conftest import REPO
+
+
+def layers(model: nn.Module, kind: type) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, kind)]
+
+
+def kinds(model: nn.Module) -> list[str]:
+    """The leaf modules in forward order, by class name."""
+    return [type(m).__name__ for m in model.modules() if not list(m.children())]
+
+
+@pytest.mark.parametrize("arch", sorted(models.REGISTRY))
+def test_every_entry_maps_images_to_10_scores(arch):
+    torch.manual_seed(0)
+    model = models.build(arch)
+    x = torch.randn(3, 1, 28, 28)
+    model.train()
+    out = model(x)
+    assert out.shape == (3, 10) and out.dtype == torch.float32
+    out.sum().backward()  # every parameter takes part
+    assert all(p.grad is not None for p in model.parameters())
+    model.eval()
+    assert model(x[:1]).shape == (1, 10)  # a single image works in eval mode, batch norm included
+
+
+def test_every_model_in_params_yaml_builds():
+    cfg = config.load(REPO / "params.yaml")
+    for name in cfg.models:
+        mc = cfg.model(name)
+        assert models.build(mc.arch, mc.hparams).eval()(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_linear_is_two_linear_layers_without_activation():
+    model = models.build("linear", {"hidden": 7})
+    assert kinds(model) == ["Flatten", "Linear", "Linear"]
+    a, b = layers(model, nn.Linear)
+    assert (a.in_features, a.out_features, b.in_features, b.out_features) == (784, 7, 7, 10)
+
+
+def test_mlp_keeps_the_published_final_relu():
+    model = models.build("mlp", {"hidden": 7})
+    assert kinds(model) == ["Flatten", "Linear", "ReLU", "Linear", "ReLU"]
+    assert [(m.in_features, m.out_features) for m in layers(model, nn.Linear)] == [(784, 7), (7, 10)]
+    assert (model(torch.randn(16, 1, 28, 28)) >= 0).all()
+
+
+def test_mlp512():
+    model = models.build("mlp512")
+    assert kinds(model) == ["Flatten", "Linear", "ReLU", "Linear", "ReLU", "Linear"]
+    assert [(m.in_features, m.out_features) for m in layers(model, nn.Linear)] == [(784, 512), (512, 512), (512, 10)]
+
+
+@pytest.mark.parametrize("h", [10, 4])
+def test_tinyvgg_matches_the_published_model(h):
+    model = models.build("tinyvgg", {"hidden_units": h})
+    block = ["Conv2d", "ReLU", "Conv2d", "ReLU", "MaxPool2d"]
+    assert kinds(model) == block + block + ["Flatten", "Linear"]
+    convs = layers(model, nn.Conv2d)
+    assert all(c.kernel_size == (3, 3) and c.out_channels == h for c in convs)
+    assert [c.in_channels for c in convs] == [1, h, h, h]
+    assert all(p.kernel_size == 2 for p in layers(model, nn.MaxPool2d))
+    fc = layers(model, nn.Linear)[0]
+    assert (fc.in_features, fc.out_features) == (h * 7 * 7, 10)
+    expected = (9 * h + h) + 3 * (9 * h * h + h) + (h * 49 * 10 + 10)
+    assert models.count_parameters(model) == expected
+    if h == 10:
+        assert expected == 7_740  # the published TinyVGG's count
+
+
+def test_fashionnet_outputs_log_probabilities():
+    model = models.build("fashionnet").eval()
+    assert len(layers(model, nn.Conv2d)) == 2 and len(layers(model, nn.Linear)) == 2
+    assert layers(model, nn.MaxPool2d)
+    assert sorted(d.p for d in layers(model, nn.Dropout)) == [0.25, 0.5]
+    assert kinds(model)[-1] == "LogSoftmax"
+    out = model(torch.randn(5, 1, 28, 28))
+    assert (out <= 0).all()
+    torch.testing.assert_close(out.exp().sum(1), torch.ones(5))
+
+
+def test_ffn_bn_five_layers_bn_relu_dropout_after_each_but_the_last():
+    model = models.build("ffn_bn", {"widths": [64, 32, 16, 8], "dropout": 0.1})
+    fcs = layers(model, nn.Linear)
+    assert [(m.in_features, m.out_features) for m in fcs] == [(784, 64), (64, 32), (32, 16), (16, 8), (8, 10)]
+    assert kinds(model) == ["Flatten"] + ["Linear", "BatchNorm1d", "ReLU", "Dropout"] * 4 + ["Linear"]
+    assert [b.num_features for b in layers(model, nn.BatchNorm1d)] == [64, 32, 16, 8]
+    assert all(d.p == 0.1 for d in layers(model, nn.Dropout))
+    default = [m.out_features for m in layers(models.build("ffn_bn"), nn.Linear)]
+    assert default == sorted(default, reverse=True) and len(default) == 5  # decreasing width
+
+
+def test_cnn_bn_three_convs_with_bn_and_pooling_three_fc_dropout():
+    model = models.build("cnn_bn", {"channels": [4, 8, 16], "fc": [32, 16], "dropout": 0.4})
+    convs, bns = layers(model, nn.Conv2d), layers(model, nn.BatchNorm2d)
+    assert [c.out_channels for c in convs] == [4, 8, 16] and [b.num_features for b in bns] == [4, 8, 16]
+    assert len(layers(model, nn.MaxPool2d)) == 3
+    assert [(m.in_features, m.out_features) for m in layers(model, nn.Linear)] == [(16 * 3 * 3, 32), (32, 16), (16, 10)]
+    assert [d.p for d in layers(model, nn.Dropout)] == [0.4, 0.4]
+    assert kinds(model)[-1] == "Linear"
+
+
+@pytest.mark.parametrize("arch, hparams, words", [
+    ("resnet", {}, ["unknown architecture 'resnet'", "tinyvgg"]),
+    ("tinyvgg", {"hidden": 10}, ["models.tinyvgg.hidden", "unknown hyperparameter", "hidden_units"]),
+    ("tinyvgg", {"hidden_units": 0}, ["models.tinyvgg.hidden_units", "integer >= 1"]),
+    ("linear", {"hidden": True}, ["models.linear.hidden"]),
+    ("linear", {"hidden": 2.5}, ["models.linear.hidden"]),
+    ("ffn_bn", {"dropout": 1.0}, ["models.ffn_bn.dropout", "[0, 1)"]),
+    ("cnn_bn", {"channels": []}, ["models.cnn_bn.channels", "non-empty list"]),
+    ("cnn_bn", {"fc": [128, "x"]}, ["models.cnn_bn.fc"]),
+])
+def test_registry_rejects_unknown_names_and_bad_hparams(arch, hparams, words):
+    with pytest.raises(ConfigError) as e:
+        models.build(arch, hparams)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+@pytest.mark.parametrize("arch, hparams", [("tinyvgg", {"hidden_units": 6}), ("fashionnet", {"hidden": 16}),
+                                           ("ffn_bn", {"widths": [32, 16, 8, 4]}), ("cnn_bn", {"fc": [32, 16]})])
+def test_checkpoint_rebuilds_the_model_from_the_file_alone(tmp_path, monkeypatch, arch, hparams):
+    torch.manual_seed(1)
+    model = models.build(arch, hparams)
+    model.train()(torch.randn(8, 1, 28, 28))  # move batch-norm running statistics off their init
+    model.eval()
+    x = torch.randn(4, 1, 28, 28)
+    path = tmp_path / "m.pt"
+    checkpoint.save(path, model, name="mine", arch=arch, hparams=hparams, stats=Stats(0.28, 0.35),
+                    params={"seed": 1}, params_hash="abc123", run_id="run42", bf16=False)
+
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(k) or real_load(*a, **k))
+    rebuilt, ckpt = checkpoint.load(path)
+    assert loads and all(k.get("weights_only") is True for k in loads)
+    assert (ckpt["model"], ckpt["arch"], ckpt["hparams"]) == ("mine", arch, hparams)
+    assert ckpt["classes"] == list(CLASSES) and ckpt["params_hash"] == "abc123"
+    assert ckpt["mlflow_run_id"] == "run42"
+    assert checkpoint.stats_of(ckpt) == Stats(0.28, 0.35)
+    assert not rebuilt.training
+    torch.testing.assert_close(rebuilt(x), model(x), rtol=0, atol=0)
+    # The whole file is plain data: the strict loader reads it with no allow-listed globals.
+    raw = real_load(path, weights_only=True)
+    assert set(raw) >= {"arch", "hparams", "state_dict", "classes", "stats", "params_hash"}

@@ -1,0 +1,188 @@
+"""The train and evaluate stages end to end on the synthetic processed data: the files they write,
+the checkpoint that rebuilds the model, exact test metrics, identical reruns, and
+`fmnist train MODEL --set key=value` through the command line."""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from fmnist import checkpoint, cli, config, engine, models
+from fmnist.data import CLASSES
+from fmnist.data.loader import load_split, load_stats
+from fmnist.stages import evaluate, train
+
+from reliability_helpers import make_repo
+
+SETS = ["train.epochs=3", "train.subset=300", "train.batch_size=50"]
+
+
+@pytest.fixture
+def repo(workdir: Path, processed_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)  # the default experiment, fashion-mnist
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    return make_repo(workdir, processed_dir)
+
+
+@pytest.fixture
+def fmnist(capsys):
+    """`fmnist ARGS` in this process: (exit code, stdout, stderr)."""
+    saved = signal.getsignal(signal.SIGTERM)
+
+    def run(*args: str) -> tuple[int, str, str]:
+        rc = cli.main(list(args))
+        out = capsys.readouterr()
+        return rc, out.out, out.err
+
+    yield run
+    signal.signal(signal.SIGTERM, saved)
+
+
+def read_history(root: Path, name: str) -> list[dict]:
+    with open(root / "reports/train" / name / "history.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_train_writes_model_metrics_and_history(repo):
+    cfg = config.load("params.yaml", SETS)
+    metrics = train.run(cfg, "linear", progress=False)
+
+    rows = read_history(repo, "linear")
+    assert list(rows[0]) == ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "elapsed_s"]
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert 0 < float(r["train_loss"]) and 0 < float(r["val_loss"])
+        assert 0 <= float(r["train_accuracy"]) <= 1 and 0 <= float(r["val_accuracy"]) <= 1
+        assert 0 < float(r["lr"]) <= cfg.train.lr
+    elapsed = [float(r["elapsed_s"]) for r in rows]
+    assert elapsed == sorted(elapsed) and elapsed[0] > 0
+    assert float(rows[-1]["val_loss"]) < float(rows[0]["val_loss"])  # it learns the synthetic classes
+    assert float(rows[-1]["val_accuracy"]) > 0.5
+
+    saved = read_json(repo / "reports/train/linear/metrics.json")
+    assert saved == metrics
+    last = rows[-1]
+    assert saved["epochs"] == 3 and saved["n_train"] == 300
+    assert saved["val_accuracy"] == float(last["val_accuracy"]) and saved["val_loss"] == float(last["val_loss"])
+    assert saved["train_accuracy"] == float(last["train_accuracy"])
+    assert saved["n_parameters"] == models.count_parameters(models.build("linear", {"hidden": 10}))
+    assert 0 < saved["train_time_s"] <= float(last["elapsed_s"]) + 0.01
+    assert not (repo / "models/linear.resume.pt").exists()  # the resume state goes once the run is done
+
+    model, ckpt = checkpoint.load(repo / "models/linear.pt")
+    assert (ckpt["model"], ckpt["arch"], ckpt["hparams"]) == ("linear", "linear", {"hidden": 10})
+    assert ckpt["classes"] == list(CLASSES)
+    assert checkpoint.stats_of(ckpt) == load_stats("data/processed")
+    assert ckpt["params_hash"] == cfg.params_hash("linear") and ckpt["params"] == cfg.run_params("linear")
+    val = load_split("val", "data/processed")
+    again = engine.evaluate(model, val, checkpoint.stats_of(ckpt), bf16=ckpt["bf16"])
+    assert again["accuracy"] == saved["val_accuracy"]
+    assert again["loss"] == pytest.approx(saved["val_loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("patience, kept", [(1, 2), (0, 3)])
+def test_metrics_describe_the_kept_model(repo, monkeypatch, patience, kept):
+    """With early stopping the best epoch's model is kept and reported; without, the last one."""
+    real_evaluate, losses = engine.evaluate, iter([0.9, 0.5, 0.7])
+
+    def scripted(*args, **kwargs):  # the real accuracy, a scripted validation loss
+        return {**real_evaluate(*args, **kwargs), "loss": next(losses)}
+
+    monkeypatch.setattr(engine, "evaluate", scripted)
+    cfg = config.load("params.yaml", [*SETS, f"train.patience={patience}", "train.precision=fp32",
+                                      "train.optimizer=sgd", "train.lr=0.5", "train.schedule=none"])
+    metrics = train.run(cfg, "linear", progress=False)
+    rows = read_history(repo, "linear")
+    assert len(rows) == 3 and metrics["epochs"] == 3 and metrics["best_epoch"] == 2
+    row = rows[kept - 1]
+    assert metrics["val_loss"] == float(row["val_loss"]) and metrics["val_accuracy"] == float(row["val_accuracy"])
+    assert metrics["train_loss"] == float(row["train_loss"])
+    model, ckpt = checkpoint.load(repo / "models/linear.pt")
+    val = load_split("val", "data/processed")
+    assert real_evaluate(model, val, checkpoint.stats_of(ckpt))["accuracy"] == float(row["val_accuracy"])
+
+
+def test_evaluate_scores_every_test_image_from_the_checkpoint(repo):
+    # 200 test images in batches of 64: a short last batch
+    cfg = config.load("params.yaml", [*SETS, "train.eval_batch_size=64", "train.precision=fp32"])
+    train.run(cfg, "linear", progress=False)
+    got = evaluate.run(cfg, "linear")
+    assert read_json(repo / "reports/eval/linear/metrics.json") == got
+
+    model, ckpt = checkpoint.load(repo / "models/linear.pt")  # the file alone: weights and normalisation
+    test = load_split("test", "data/processed")
+    x = test.images.unsqueeze(1).float().div(255).sub(ckpt["stats"]["mean"]).div(ckpt["stats"]["std"])
+    with torch.no_grad():
+        logits = model(x)
+    per_sample = torch.nn.functional.cross_entropy(logits, test.labels, reduction="none")
+    assert got["test_loss"] == pytest.approx(per_sample.mean().item(), rel=1e-5)
+    assert got["test_accuracy"] == (logits.argmax(1) == test.labels).sum().item() / len(test)
+    assert got["test_accuracy"] > 0.5
+
+
+def test_same_params_give_identical_results(repo):
+    cfg = config.load("params.yaml", [*SETS, "train.augment.flip=true", "train.augment.shift=1"])
+    drop = ("train_time_s", "images_per_s", "elapsed_s")
+    first = {k: v for k, v in train.run(cfg, "tinyvgg", progress=False).items() if k not in drop}
+    rows1 = [{k: v for k, v in r.items() if k not in drop} for r in read_history(repo, "tinyvgg")]
+    state1 = checkpoint.load_file(repo / "models/tinyvgg.pt")["state_dict"]
+    second = {k: v for k, v in train.run(cfg, "tinyvgg", progress=False).items() if k not in drop}
+    rows2 = [{k: v for k, v in r.items() if k not in drop} for r in read_history(repo, "tinyvgg")]
+    state2 = checkpoint.load_file(repo / "models/tinyvgg.pt")["state_dict"]
+    assert first == second and rows1 == rows2
+    assert all(torch.equal(state1[k], state2[k]) for k in state1)
+    other = config.load("params.yaml", [*SETS, "train.augment.flip=true", "train.augment.shift=1", "seed=7"])
+    third = {k: v for k, v in train.run(other, "tinyvgg", progress=False).items() if k not in drop}
+    assert third != first
+
+
+def test_cli_train_and_evaluate_with_overrides(repo, fmnist):
+    sets = ["--set", "train.epochs=2", "--set", "train.subset=100", "--set", "train.batch_size=25",
+            "--set", "models.linear.hidden=6",
+            "--set", "train.optimizer=sgd", "--set", "train.lr=0.05", "--set", "loss=focal"]
+    rc, out, err = fmnist("train", "linear", "--no-progress", *sets)
+    assert rc == 0, err
+    assert json.loads(out) == read_json(repo / "reports/train/linear/metrics.json")
+    assert len(read_history(repo, "linear")) == 2 and json.loads(out)["n_train"] == 100
+    _, ckpt = checkpoint.load(repo / "models/linear.pt")
+    assert ckpt["hparams"] == {"hidden": 6} and ckpt["state_dict"]["1.weight"].shape == (6, 784)
+    assert ckpt["params"]["train"]["optimizer"] == "sgd" and ckpt["params"]["loss"] == "focal"
+
+    rc, out, err = fmnist("evaluate", "linear", *sets)
+    assert rc == 0, err
+    assert json.loads(out) == read_json(repo / "reports/eval/linear/metrics.json")
+
+    c = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    [run] = c.search_runs([c.get_experiment_by_name("fashion-mnist").experiment_id])
+    assert run.info.run_name == "linear-focal"
+    p = run.data.params
+    assert (p["train.epochs"], p["train.optimizer"], p["train.lr"], p["hparams.hidden"]) == ("2", "sgd", "0.05", "6")
+    assert run.data.metrics["test_accuracy"] == json.loads(out)["test_accuracy"]
+
+
+@pytest.mark.parametrize("args, start", [
+    (["--set", "train.lr=-1"], "train.lr"),
+    (["--set", "train.learning_rate=0.1"], "--set 'train.learning_rate=0.1': no key"),
+    (["--set", "+train.learning_rate=0.1"], "train.learning_rate: unknown key"),
+    (["--set", "+models.linear.width=3"], "models.linear.width: unknown hyperparameter"),
+    (["--set", "models.linear.hidden=0"], "models.linear.hidden"),
+    (["--set", "nope"], "--set 'nope': expected key=value"),
+    (["--set", "train.subset=5000"], "train.subset"),  # more than the 540 training images
+    (["--set", "train.batch_size=600"], "train.batch_size"),
+])
+def test_cli_bad_override_fails_before_any_work(repo, fmnist, args, start):
+    rc, out, err = fmnist("train", "linear", "--no-progress", *args)
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"fmnist train: error: {start}"), err
+    assert not (repo / "models").exists() and not (repo / "reports").exists() and not (repo / "mlflow.db").exists()
