@@ -52,6 +52,24 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(json.dumps(evaluate.run(cfg, args.model), indent=2))
 
 
+def _report(args: argparse.Namespace) -> None:
+    from fmnist.stages import report
+
+    print(report.run(_config(args)))
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from fmnist import predict
+
+    predict.main(args.checkpoint, args.images, as_json=args.json)
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from fmnist import compare
+
+    compare.main(experiment=args.experiment, tags=args.tag or (), out=args.out, params=args.params)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fmnist", description="Fashion-MNIST pipeline: every DVC stage is a subcommand.")
     p.add_argument("--version", action="version", version=f"fmnist {__version__}")
@@ -80,6 +98,21 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "train":
             s.add_argument("--resume", action="store_true", help="continue from models/MODEL.resume.pt")
             s.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    add("report", _report, "write reports/report.md and reports/figures/ from every model's results")
+
+    s = add("predict", _predict, "classify images with a trained model: class name and top-3 probabilities",
+            params=False)
+    s.add_argument("checkpoint", help="a model file, e.g. models/fmnet.pt")
+    s.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="image files; any size or colour is converted to a 28x28 light-on-dark image")
+    s.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    s = add("compare", _compare, "architecture x loss table of the MLflow runs (markdown and PNG heatmap)")
+    s.add_argument("--experiment", help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME or fashion-mnist)")
+    s.add_argument("--tag", action="append", metavar="KEY=VALUE",
+                   help="only runs with this tag (repeatable), e.g. --tag dvc_exp_name=my-exp")
+    s.add_argument("--out", default="reports", help="folder for compare.md and compare.png (default: reports)")
     return p
 
 

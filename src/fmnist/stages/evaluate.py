@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from fmnist import checkpoint, engine
-from fmnist.atomic import write_csv, write_json
+from fmnist.atomic import remove_stale, write_csv, write_json
 from fmnist.config import Config
 from fmnist.data import CLASSES, PROCESSED_DIR
 from fmnist.data.loader import load_split
@@ -51,18 +51,20 @@ def run(cfg: Config, name: str, processed: str | Path = PROCESSED_DIR) -> dict:
     metrics = {"test_accuracy": scores["accuracy"], "test_loss": scores["loss"], "macro_f1": macro_f1}
 
     out = paths(name)
+    remove_stale(*out.values())  # left by a run killed while writing
     rows = [{"index": int(i), "actual": CLASSES[a], "predicted": CLASSES[p], "confidence": round(float(c), 4)}
             for i, a, p, c in zip(test.index.tolist(), test.labels.tolist(), pred.tolist(), conf.tolist())]
     write_csv(out["predictions"], rows)
     write_csv(out["misclassified"], [r for r in rows if r["actual"] != r["predicted"]])
     write_json(out["per_class"], per_class)
     write_json(out["metrics"], metrics)
-    _log_to_mlflow(ckpt.get("mlflow_run_id"), metrics, per_class, confusion_matrix(pred, test.labels), out)
+    _log_to_mlflow(ckpt.get("mlflow_run_id"), name, metrics, per_class, confusion_matrix(pred, test.labels), out)
     return metrics
 
 
-def _log_to_mlflow(run_id: str | None, metrics: dict, per_class: dict, cm: torch.Tensor, out: dict) -> None:
-    from fmnist import tracking
+def _log_to_mlflow(run_id: str | None, name: str, metrics: dict, per_class: dict, cm: torch.Tensor,
+                   out: dict) -> None:
+    from fmnist import plots, tracking
 
     run = tracking.existing_run(run_id)
     if run is None:
@@ -75,5 +77,8 @@ def _log_to_mlflow(run_id: str | None, metrics: dict, per_class: dict, cm: torch
         flat.update({f"{m}_{key}": v for m, v in s.items()})
     run.log_metrics(flat)
     run.log_dict({"classes": list(CLASSES), "rows_actual_cols_predicted": cm.tolist()}, "confusion_matrix.json")
+    title = f"{name}: confusion matrix on the test set (accuracy {100 * metrics['test_accuracy']:.2f}%)"
+    run.log_figure(plots.confusion(cm.tolist(), CLASSES, title), "confusion_matrix.png")
+    run.log_figure(plots.per_class(per_class, f"{name}: precision, recall and F1 per class"), "per_class.png")
     run.log_artifact(out["per_class"])
     run.log_artifact(out["misclassified"])

@@ -1,0 +1,257 @@
+"""Matplotlib figures for the report, the MLflow runs and `fmnist compare`.
+
+Every function takes plain numbers and arrays (no torch) and returns a
+``matplotlib.figure.Figure`` built without pyplot: no global figure state, no
+GUI backend, PNGs rendered by Agg. Save them with ``fmnist.atomic.save_figure``.
+matplotlib is imported lazily, inside the functions, so importing this module is free.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+DPI = 120
+BLUE, GREEN, RED, GREY = "#4C72B0", "#2CA02C", "#D62728", "#7F7F7F"
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+
+
+def accuracy_and_time(rows: Sequence[dict[str, Any]]):
+    """Two horizontal bar charts side by side: test accuracy and training time per model.
+
+    ``rows``: dicts with ``model``, ``accuracy`` (0..1), ``published`` (0..1 or None),
+    ``train_time_s`` and ``best`` (bool), drawn top to bottom in the given order.
+    """
+    n = len(rows)
+    fig = _figure(12, 1.6 + 0.42 * n)
+    ax_acc, ax_time = fig.subplots(1, 2, sharey=True)
+    y = list(range(n))[::-1]
+    colors = [GREEN if r["best"] else BLUE for r in rows]
+    labels = [f"{r['model']} (best)" if r["best"] else r["model"] for r in rows]
+
+    acc = [100 * r["accuracy"] for r in rows]
+    ax_acc.barh(y, acc, color=colors, height=0.65)
+    for yi, a in zip(y, acc):  # at the bar's start, clear of the published markers near its end
+        inside = a > 20
+        ax_acc.text(1.5 if inside else a + 1, yi, f"{a:.2f}%", va="center", ha="left",
+                    color="white" if inside else "black", fontsize=9.5, fontweight="bold")
+    pub = [(yi, 100 * r["published"]) for yi, r in zip(y, rows) if r.get("published") is not None]
+    if pub:
+        ax_acc.scatter([p for _, p in pub], [yi for yi, _ in pub], marker="|", s=500, linewidths=2.5,
+                       color="black", zorder=3, label="published figure")
+        fig.legend(loc="outside lower center", fontsize=9.5, frameon=False, markerscale=0.6)
+    ax_acc.set_xlim(0, 100)
+    ax_acc.set_xlabel("test accuracy (%)")
+    ax_acc.set_title("Test accuracy")
+    ax_acc.set_yticks(y, labels)
+
+    times = [r["train_time_s"] for r in rows]
+    ax_time.barh(y, times, color=colors, height=0.65)
+    top = max(times) if times and max(times) > 0 else 1.0
+    for yi, t in zip(y, times):
+        ax_time.text(t + top * 0.01, yi, seconds(t), va="center", ha="left", fontsize=9)
+    ax_time.set_xlim(0, top * 1.18)
+    ax_time.set_xlabel("training time (s)")
+    ax_time.set_title("Training time")
+    for ax in (ax_acc, ax_time):
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_axisbelow(True)
+        ax.spines[["top", "right"]].set_visible(False)
+    fig.suptitle("Accuracy and cost per model (best in green)", fontsize=13)
+    return fig
+
+
+def seconds(t: float) -> str:
+    """2.35 s, 42.0 s, 3.5 min: readable at any scale."""
+    return f"{t:.2f} s" if t < 10 else f"{t:.1f} s" if t < 120 else f"{t / 60:.1f} min"
+
+
+def loss_curves(histories: dict[str, dict[str, Sequence[float]]], loss_name: str = "loss"):
+    """Train and validation loss per epoch, one small panel per model, shared y axis.
+
+    ``histories``: model -> {"epoch": [...], "train_loss": [...], "val_loss": [...]}.
+    """
+    n = len(histories)
+    ncols = min(4, n)
+    nrows = math.ceil(n / ncols)
+    fig = _figure(3.3 * ncols + 0.4, 2.6 * nrows + 0.9)
+    axes = fig.subplots(nrows, ncols, sharey=True, squeeze=False).ravel()
+    for ax, (model, h) in zip(axes, histories.items()):
+        ax.plot(h["epoch"], h["train_loss"], marker="o", ms=4, color=BLUE, label="train")
+        ax.plot(h["epoch"], h["val_loss"], marker="s", ms=4, color="#DD8452", label="validation")
+        ax.set_title(model, fontsize=11)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        epochs = list(h["epoch"])
+        if epochs:
+            ax.set_xticks(_int_ticks(int(min(epochs)), int(max(epochs))))
+            ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+    for ax in axes[::ncols]:
+        ax.set_ylabel(loss_name)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside upper right", ncols=2, fontsize=10)
+    fig.suptitle("Training and validation loss per epoch", fontsize=13)
+    return fig
+
+
+def _int_ticks(lo: int, hi: int, most: int = 8) -> list[int]:
+    step = max(1, math.ceil((hi - lo + 1) / most))
+    return list(range(lo, hi + 1, step))
+
+
+def confusion(cm: Sequence[Sequence[int]], classes: Sequence[str], title: str):
+    """Confusion matrix: rows the true class, columns the predicted one. Colour is the
+    share of the true class (so rare and common classes read alike); numbers are counts."""
+    import numpy as np
+
+    cm = np.asarray(cm, dtype=np.int64)
+    totals = cm.sum(axis=1, keepdims=True)
+    share = cm / np.maximum(totals, 1)
+    k = len(classes)
+    fig = _figure(8.6, 7.6)
+    ax = fig.subplots()
+    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for i in range(k):
+        for j in range(k):
+            if cm[i, j]:
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8.5,
+                        color="white" if share[i, j] > 0.55 else "black")
+    ax.set_xticks(range(k), classes, rotation=40, ha="right", rotation_mode="anchor")
+    ax.set_yticks(range(k), classes)
+    ax.set_xlabel("predicted class", fontsize=11)
+    ax.set_ylabel("true class", fontsize=11)
+    ax.set_title(title, fontsize=12)
+    fig.colorbar(im, ax=ax, shrink=0.8, label="share of the true class")
+    return fig
+
+
+def per_class(scores: dict[str, dict[str, float]], title: str):
+    """Precision, recall and F1 per class as grouped horizontal bars, classes top to bottom."""
+    classes = list(scores)
+    fig = _figure(8, 0.5 * len(classes) + 1.6)
+    ax = fig.subplots()
+    h = 0.26
+    for k, (metric, color) in enumerate((("precision", BLUE), ("recall", "#DD8452"), ("f1", GREEN))):
+        y = [len(classes) - 1 - i + (1 - k) * h for i in range(len(classes))]
+        ax.barh(y, [scores[c][metric] for c in classes], height=h, color=color, label=metric.replace("f1", "F1"))
+    ax.set_yticks(range(len(classes))[::-1], classes)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("score on the test set")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_axisbelow(True)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.legend(loc="outside lower center", ncols=3, frameon=False)
+    ax.set_title(title, fontsize=12)
+    return fig
+
+
+def image_grid(images: Sequence[Any], captions: Sequence[str], colors: Sequence[str], title: str, ncols: int = 6):
+    """A grid of 28x28 grayscale images, each with a caption (two short lines at most)."""
+    n = len(images)
+    ncols = max(1, min(ncols, n))
+    nrows = max(1, math.ceil(n / ncols))
+    fig = _figure(1.75 * ncols, 2.05 * nrows + 0.5)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axes:
+        ax.set_axis_off()
+    for ax, img, cap, col in zip(axes, images, captions, colors):
+        ax.imshow(img, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        ax.set_title(cap, fontsize=8.5, color=col, linespacing=1.15)
+    fig.suptitle(title, fontsize=12)
+    return fig
+
+
+def conv_kernels(kernels: Any, maps: Any, image: Any, title: str, image_caption: str, ncols: int = 8):
+    """The first conv layer's kernels and the feature map each makes of one image.
+
+    ``kernels``: (C, kh, kw) (summed over input channels); ``maps``: (C, H, W);
+    ``image``: (28, 28) uint8. Each cell pairs kernel k (top, blue negative, red
+    positive) with its feature map (below, bright = strong response).
+    """
+    import numpy as np
+
+    kernels, maps = np.asarray(kernels, dtype=np.float64), np.asarray(maps, dtype=np.float64)
+    c = len(kernels)
+    groups = math.ceil(c / ncols)
+    ncols = math.ceil(c / groups)  # rows as even as possible: 10 kernels -> 2 x 5, not 8 + 2
+    fig = _figure(1.45 * ncols + 2.6, 2.75 * groups + 0.8)
+    outer = fig.add_gridspec(1, 2, width_ratios=[2.3, 1.45 * ncols], wspace=0.04)
+    left = outer[0].subgridspec(3, 1, height_ratios=[1, 2, 1])
+    ax_img = fig.add_subplot(left[1])
+    ax_img.imshow(image, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    ax_img.set_title(f"input:\n{image_caption}", fontsize=10)
+    ax_img.set_axis_off()
+
+    grid = outer[1].subgridspec(2 * groups, ncols, hspace=0.05, wspace=0.08)
+    lim = float(np.abs(kernels).max()) or 1.0
+    for i in range(c):
+        g, col = divmod(i, ncols)
+        ax_k = fig.add_subplot(grid[2 * g, col])
+        ax_k.imshow(kernels[i], cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+        ax_k.set_title(f"kernel {i + 1}", fontsize=8)
+        ax_m = fig.add_subplot(grid[2 * g + 1, col])
+        ax_m.imshow(maps[i], cmap="magma", interpolation="nearest")
+        for ax in (ax_k, ax_m):
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(title, fontsize=12)
+    fig.supxlabel("each pair: a kernel's weights (blue negative, red positive) above its feature map "
+                  "of the input (bright: strong response)", fontsize=10)
+    return fig
+
+
+def compare_heatmap(models: Sequence[str], losses: Sequence[str], panels: dict[str, dict[str, Any]]):
+    """Architecture x loss heatmaps side by side, one per metric, values written in the cells.
+
+    ``panels``: title -> {"values": rows x cols (None where no run), "fmt": format
+    string, "higher_is_better": bool}. Missing combinations are grey with a dash.
+    """
+    import numpy as np
+
+    n_rows, n_cols = len(models), len(losses)
+    fig = _figure(max(3.0, 1.2 * n_cols + 1.2) * len(panels) + 1.3, 0.5 * n_rows + 1.8)
+    axes = fig.subplots(1, len(panels), squeeze=False).ravel()
+    for ax, (name, p) in zip(axes, panels.items()):
+        vals = np.array([[np.nan if v is None else float(v) for v in row] for row in p["values"]], dtype=float)
+        cmap = _cmap("viridis" if p["higher_is_better"] else "viridis_r")
+        ok = ~np.isnan(vals)
+        lo, hi = (float(vals[ok].min()), float(vals[ok].max())) if ok.any() else (0.0, 1.0)
+        ax.imshow(np.ma.masked_invalid(vals), cmap=cmap, vmin=lo, vmax=hi if hi > lo else lo + 1, aspect="auto")
+        for i in range(n_rows):
+            for j in range(n_cols):
+                if ok[i, j]:
+                    t = (vals[i, j] - lo) / (hi - lo) if hi > lo else 0.5
+                    t = t if p["higher_is_better"] else 1 - t
+                    ax.text(j, i, p["fmt"].format(vals[i, j]), ha="center", va="center", fontsize=10,
+                            color="black" if t > 0.55 else "white")
+                else:
+                    ax.text(j, i, "-", ha="center", va="center", fontsize=11, color="#555555")
+        ax.set_xticks(range(n_cols), losses)
+        ax.set_yticks(range(n_rows), models)
+        ax.set_xlabel("loss")
+        ax.set_title(name, fontsize=11)
+        ax.tick_params(length=0)
+        for s in ax.spines.values():
+            s.set_visible(False)
+    fig.suptitle("Architecture x loss: latest finished run of each (yellow: better)", fontsize=13)
+    return fig
+
+
+def _cmap(name: str):
+    import matplotlib
+
+    return matplotlib.colormaps[name].with_extremes(bad="#DDDDDD")
+
+
+def message(text: str):
+    """A small figure that says why there is nothing to draw."""
+    fig = _figure(6, 1.6)
+    fig.text(0.5, 0.5, text, ha="center", va="center", fontsize=12)
+    return fig

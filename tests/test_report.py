@@ -1,0 +1,165 @@
+"""The report stage on synthetic train/eval outputs, and the dvc.yaml that runs and plots it."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fmnist import checkpoint, config, models
+from fmnist.atomic import write_csv, write_json
+from fmnist.data import CLASSES
+from fmnist.data.loader import Stats, load_split
+from fmnist.stages import report
+
+from conftest import REPO
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_params(root: Path, names: list[str], **train) -> config.Config:
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["models"] = {n: raw["models"][n] for n in names}
+    raw["train"].update(train)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    return config.load(root / "params.yaml")
+
+
+def fake_results(cfg: config.Config, processed: Path, accuracy: dict[str, float], loss: dict[str, str] | None = None):
+    """What train@M and evaluate@M would write: metrics, history, predictions, per-class scores and
+    a checkpoint (an untrained model of the right architecture)."""
+    test = load_split("test", processed)
+    for k, name in enumerate(cfg.models):
+        mc = cfg.model(name)
+        model = models.build(mc.arch, mc.hparams)
+        params = {**cfg.run_params(name), "loss": (loss or {}).get(name, cfg.loss)}
+        checkpoint.save(f"models/{name}.pt", model, name=name, arch=mc.arch, hparams=mc.hparams,
+                        stats=Stats(0.29, 0.35), params=params, params_hash="x", run_id=None, bf16=False)
+        epochs = 3
+        write_csv(f"reports/train/{name}/history.csv",
+                  [{"epoch": e, "train_loss": 1.5 / e, "train_accuracy": 0.5 + 0.1 * e, "val_loss": 1.4 / e + 0.05,
+                    "val_accuracy": 0.5 + 0.1 * e, "lr": 0.001, "elapsed_s": e} for e in range(1, epochs + 1)])
+        write_json(f"reports/train/{name}/metrics.json",
+                   {"epochs": epochs, "best_epoch": epochs, "train_time_s": 10.0 * (k + 1), "images_per_s": 540.0,
+                    "n_parameters": models.count_parameters(model), "n_train": 540})
+        # Wrong on the first (1 - accuracy) share of the test images: predicted as the next class.
+        n_wrong = round((1 - accuracy[name]) * len(test))
+        rows = []
+        for i, (idx, y) in enumerate(zip(test.index.tolist(), test.labels.tolist())):
+            p = (y + 1) % 10 if i < n_wrong else y
+            rows.append({"index": idx, "actual": CLASSES[y], "predicted": CLASSES[p],
+                         "confidence": round(0.5 + 0.4 * ((i * 7) % 10) / 10, 4)})
+        write_csv(f"reports/eval/{name}/predictions.csv", rows)
+        write_json(f"reports/eval/{name}/per_class.json",
+                   {c: {"precision": 0.9, "recall": 0.8, "f1": 0.85} for c in CLASSES})
+        write_json(f"reports/eval/{name}/metrics.json",
+                   {"test_accuracy": accuracy[name], "test_loss": 1 - accuracy[name], "macro_f1": 0.85})
+
+
+def linked_figures(md: str) -> list[str]:
+    return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+
+
+def table_rows(md: str) -> dict[str, str]:
+    rows = {}
+    for line in md.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 12 and cells[1] not in ("model", "---"):
+            rows[cells[1].strip("*")] = line
+    return rows
+
+
+def test_report_rows_best_published_and_figures(workdir, processed_dir):
+    cfg = write_params(workdir, ["linear", "mlp", "tinyvgg"])
+    fake_results(cfg, processed_dir, {"linear": 0.85, "mlp": 0.70, "tinyvgg": 0.80}, loss={"mlp": "focal"})
+    path = report.run(cfg, processed=processed_dir)
+    md = path.read_text()
+
+    rows = table_rows(md)
+    assert list(rows) == ["linear", "mlp", "tinyvgg"]  # params.yaml's order, one row each
+    assert "★ best" in rows["linear"] and "best" not in rows["mlp"] + rows["tinyvgg"]
+    assert "85.00%" in rows["linear"] and "83.43%" in rows["linear"] and "+1.57 pp" in rows["linear"]
+    assert "-8.06 pp" in rows["tinyvgg"]
+    assert "| focal |" in rows["mlp"] and "| ce |" in rows["linear"]  # the loss the checkpoint was trained with
+    n_linear = models.count_parameters(models.build("linear", cfg.model("linear").hparams))
+    assert f"{n_linear:,}" in rows["linear"]
+    assert "First conv layer of tinyvgg" in md  # the best model has no conv layer; the best CNN is used
+
+    links = linked_figures(md)
+    assert sorted(Path(p).name for p in links) == sorted(report.FIGURE_NAMES)
+    for link in links:
+        data = (path.parent / link).read_bytes()
+        assert data.startswith(PNG_MAGIC), link
+    assert "timestamp" not in md.lower() and not re.search(r"\d{4}-\d\d-\d\d", md)
+
+
+def test_report_is_deterministic_and_works_without_a_cnn(workdir, processed_dir):
+    cfg = write_params(workdir, ["linear", "mlp"])
+    fake_results(cfg, processed_dir, {"linear": 0.75, "mlp": 0.90})
+    (workdir / "reports/figures").mkdir(parents=True)
+    (workdir / "reports/figures/conv_kernels.png").write_bytes(PNG_MAGIC)  # stale, from an earlier report
+    report.run(cfg, processed=processed_dir)
+    first = {p.name: p.read_bytes() for p in [report.REPORT, *sorted(report.FIGURES.iterdir())]}
+    md = report.REPORT.read_text()
+    assert "★ best" in table_rows(md)["mlp"]
+    assert "conv_kernels.png" not in first and "no kernel figure" in md
+    for link in linked_figures(md):
+        assert (report.REPORT.parent / link).read_bytes().startswith(PNG_MAGIC)
+
+    report.run(cfg, processed=processed_dir)
+    again = {p.name: p.read_bytes() for p in [report.REPORT, *sorted(report.FIGURES.iterdir())]}
+    assert again == first
+
+
+def test_missing_eval_results_name_the_file(workdir, processed_dir):
+    cfg = write_params(workdir, ["linear", "mlp"])
+    fake_results(cfg, processed_dir, {"linear": 0.8, "mlp": 0.7})
+    Path("reports/eval/mlp/metrics.json").unlink()
+    with pytest.raises(report.ReportError, match=r"reports/eval/mlp/metrics\.json: missing; run `dvc repro`"):
+        report.run(cfg, processed=processed_dir)
+    assert not report.REPORT.exists()
+
+
+def test_report_reads_what_the_train_and_evaluate_stages_write(workdir, processed_dir):
+    from fmnist.stages import evaluate, train
+
+    cfg = write_params(workdir, ["linear", "tinyvgg"], epochs=1, device="cpu", precision="fp32")
+    for name in cfg.models:
+        train.run(cfg, name, progress=False, processed=processed_dir)
+        evaluate.run(cfg, name, processed=processed_dir)
+    md = report.run(cfg, processed=processed_dir).read_text()
+    assert list(table_rows(md)) == ["linear", "tinyvgg"]
+    assert all((report.REPORT.parent / link).is_file() for link in linked_figures(md))
+    # evaluate logged its figures to each model's MLflow run
+    logged = sorted(p.name for p in (workdir / "mlartifacts").rglob("*.png"))
+    assert logged == ["confusion_matrix.png", "confusion_matrix.png", "per_class.png", "per_class.png"]
+
+
+def test_published_figures():
+    assert report.published("linear", "ce") == report.published("linear", "focal") == 0.8343
+    assert report.published("mlp512", "ce") == 0.646 and report.published("mlp512", "focal") == 0.678
+    assert report.published("fmnet", "ce") is None
+
+
+def test_dvc_yaml_report_stage_and_plots_cover_every_model():
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    names = list(yaml.safe_load((REPO / "params.yaml").read_text())["models"])
+    stage = dvc["stages"]["report"]
+    assert stage["cmd"] == "fmnist report"
+    assert {"reports/train", "reports/eval", "models"} <= set(stage["deps"]) and stage["params"] == ["models"]
+    outs = {k: v for o in stage["outs"] for k, v in o.items()}
+    assert outs == {"reports/report.md": {"cache": False}, "reports/figures": {"cache": False}}
+
+    curves = [next(iter(p.items())) for p in dvc["plots"]]
+    assert {title for title, _ in curves} == {"Validation loss", "Training loss", "Validation accuracy"}
+    for title, spec in curves:
+        assert spec["x"] == "epoch"
+        assert set(spec["y"]) == {f"reports/train/{n}/history.csv" for n in names}, title
+        template = REPO / ".dvc/plots" / f"{spec['template']}.json"
+        assert json.loads(template.read_text())["encoding"]["color"]["field"] == "model"
+
+    confusion = dvc["stages"]["evaluate"]["do"]["plots"][0]["reports/eval/${key}/predictions.csv"]
+    assert (confusion["template"], confusion["x"], confusion["y"]) == ("confusion", "actual", "predicted")
