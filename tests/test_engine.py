@@ -229,8 +229,20 @@ def test_precision_selection(monkeypatch, native, precision, want):
             fit(precision=precision, epochs=1)
     else:
         assert engine.use_bf16(precision, cpu) is want
-        _, result = fit(precision=precision, epochs=1)  # bf16 runs emulated where it is not native
+        # bf16 runs emulated where it is not native
+        _, result = fit(arch="tinyvgg", hparams={"hidden_units": 2}, precision=precision, epochs=1)
         assert result.bf16 is want and math.isfinite(result.history[0]["train_loss"])
+
+
+@pytest.mark.parametrize("arch, hparams, want", [
+    ("linear", {"hidden": 10}, False), ("mlp", {"hidden": 10}, False),
+    ("mlp512", {"hidden": 512}, True), ("tinyvgg", {"hidden_units": 10}, True),
+])
+def test_auto_precision_keeps_tiny_fully_connected_nets_in_fp32(monkeypatch, arch, hparams, want):
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: True)
+    model = models.build(arch, hparams)
+    assert engine.use_bf16("auto", torch.device("cpu"), model) is want
+    assert engine.use_bf16("bf16", torch.device("cpu"), model) is True  # asked for explicitly: honoured
 
 
 def test_native_bf16_probe_agrees_with_cpuinfo():

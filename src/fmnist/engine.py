@@ -17,10 +17,15 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from fmnist import FmnistError
 from fmnist.config import ConfigError, TrainConfig
 from fmnist.data.loader import BatchLoader, Split, Stats
 from fmnist.losses import LossFn, cross_entropy
-from fmnist.models import uses_channels_last
+from fmnist.models import uses_channels_last, worth_bf16
+
+
+class TrainingDiverged(FmnistError, FloatingPointError):
+    """The training loss became NaN or infinite."""
 
 
 # --------------------------------------------------------------------------- device and precision
@@ -52,13 +57,16 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
-def use_bf16(precision: str, device: torch.device) -> bool:
+def use_bf16(precision: str, device: torch.device, model: nn.Module | None = None) -> bool:
+    """``auto`` means bf16 where the hardware has it and, given ``model``, where it pays."""
     if precision == "fp32":
         return False
     supported = (torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16())
     if precision == "bf16" and not supported:
         raise ConfigError(f"train.precision: is bf16 but this {device.type.upper()} has no native bf16; "
                            "use auto or fp32")
+    if precision == "auto" and model is not None and not worth_bf16(model):
+        return False
     return supported
 
 
@@ -156,19 +164,22 @@ class FitResult:
 EpochCallback = Callable[[dict[str, float], Callable[[], dict[str, Any]]], None]
 
 
-def fit(model: nn.Module, train: Split, val: Split, stats: Stats, cfg: TrainConfig, loss_fn: LossFn, *,
+def fit(model: nn.Module, train: Split, val: Split | None, stats: Stats, cfg: TrainConfig, loss_fn: LossFn, *,
         seed: int, device: torch.device | None = None, on_epoch: EpochCallback | None = None,
         resume: dict[str, Any] | None = None, progress: bool = True) -> FitResult:
     """Train ``model`` in place; return the per-epoch history.
 
-    ``on_epoch(row, snapshot)`` is called after every epoch; ``snapshot()``
+    ``val`` may be None (the benchmarks train on all 60,000 images): then no validation
+    runs and early stopping is refused. ``on_epoch(row, snapshot)`` is called after every epoch; ``snapshot()``
     returns everything needed to resume from that point (``resume=``), giving
     the same final result as an uninterrupted run.
     """
     from tqdm.auto import tqdm
 
+    if val is None and cfg.patience:
+        raise ConfigError("train.patience: early stopping needs a validation split")
     device = device or select_device(cfg.device)
-    bf16 = use_bf16(cfg.precision, device)
+    bf16 = use_bf16(cfg.precision, device, model)
     channels_last = uses_channels_last(model) and device.type == "cpu"
     model.to(device, memory_format=torch.channels_last) if channels_last else model.to(device)
     g = torch.Generator().manual_seed(seed)
@@ -206,9 +217,8 @@ def fit(model: nn.Module, train: Split, val: Split, stats: Stats, cfg: TrainConf
         if stopped:
             break
         model.train()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), dtype=torch.long, device=device)
-        seen = 0
+        # Kept per batch and reduced once per epoch: one tensor call per step, not five.
+        batch_losses, preds, targets = [], [], []
         lr = opt.param_groups[0]["lr"]
         t0 = time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=not progress,
@@ -222,15 +232,19 @@ def fit(model: nn.Module, train: Split, val: Split, stats: Stats, cfg: TrainConf
             opt.step()
             if sched is not None:
                 sched.step()
-            loss_sum += loss.detach() * len(y)
-            correct += (out.detach().argmax(1) == y).sum()
-            seen += len(y)
+            batch_losses.append(loss.detach())
+            preds.append(out.detach().argmax(1))
+            targets.append(y)
         train_time += time.perf_counter() - t0
-        if not math.isfinite(loss_sum.item()):
-            raise FloatingPointError(f"training loss became {loss_sum.item()} in epoch {epoch}; "
-                                     "lower train.lr or use another schedule")
-        v = evaluate(model, val, stats, **eval_kw)
-        row = {"epoch": epoch, "train_loss": loss_sum.item() / seen, "train_accuracy": correct.item() / seen,
+        sizes = torch.tensor([len(t) for t in targets], device=device)
+        seen = int(sizes.sum())
+        train_loss = float((torch.stack(batch_losses) * sizes).sum()) / seen
+        train_acc = float((torch.cat(preds) == torch.cat(targets)).sum()) / seen
+        if not math.isfinite(train_loss):
+            raise TrainingDiverged(f"training loss became {train_loss} in epoch {epoch}; "
+                                   "lower train.lr or use another schedule")
+        v = evaluate(model, val, stats, **eval_kw) if val is not None else {"loss": math.nan, "accuracy": math.nan}
+        row = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc,
                "val_loss": v["loss"], "val_accuracy": v["accuracy"], "lr": lr,
                "elapsed_s": round(elapsed0 + time.perf_counter() - t_start, 3)}
         history.append(row)

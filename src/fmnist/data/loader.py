@@ -142,6 +142,8 @@ class BatchLoader:
     state can be saved to resume mid-run).
     """
 
+    CHUNK = 8192  # images prepared at once (25 MB as float32)
+
     def __init__(self, split: Split, batch_size: int, stats: Stats, *, shuffle: bool = False,
                  generator: torch.Generator | None = None, flip: bool = False, shift: int = 0,
                  erase: float = 0.0, device: torch.device | str = "cpu", drop_last: bool = False,
@@ -158,10 +160,15 @@ class BatchLoader:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = len(self.split)
+        # Images are converted, augmented and normalised a chunk of batches at a time, and each
+        # batch is a view into its chunk: at batch size 32 the per-batch tensor calls would
+        # otherwise cost as much as a small model's training step.
+        n, bs = len(self.split), self.batch_size
         order = torch.randperm(n, generator=self.generator) if self.shuffle else None
-        for b in range(len(self)):
-            sl = slice(b * self.batch_size, min((b + 1) * self.batch_size, n))
+        per_chunk = max(1, self.CHUNK // bs) * bs
+        end = len(self) * bs if self.drop_last else n
+        for c0 in range(0, end, per_chunk):
+            sl = slice(c0, min(c0 + per_chunk, end))
             idx = order[sl] if order is not None else sl
             x = to_float(self.split.images[idx], self.device)
             y = self.split.labels[idx].to(self.device, non_blocking=True)
@@ -174,4 +181,5 @@ class BatchLoader:
             x = normalize(x, self.stats)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            yield x, y
+            for b in range(0, len(y), bs):
+                yield x[b:b + bs], y[b:b + bs]
