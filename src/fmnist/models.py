@@ -148,20 +148,23 @@ def cnn_bn(channels: list[int] = (32, 64, 128), fc: list[int] = (256, 128), drop
 
 
 class _ConvGroup(nn.Sequential):
-    """conv3x3 -> maxpool2 -> BN -> GELU -> conv3x3 -> BN -> GELU (the airbench group)."""
+    """conv3x3 -> maxpool2 -> BN -> ReLU -> conv3x3 -> BN -> ReLU."""
 
     def __init__(self, cin: int, cout: int):
         super().__init__(
-            nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(cout), nn.GELU(),
-            nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.GELU(),
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
         )
 
 
 @register
-def fmnet(widths: list[int] = (32, 64, 128), stem: int = 24) -> nn.Module:
-    """Our own: a small all-conv net in the style of airbench (stem conv, three
-    conv groups that halve the resolution, global max pool, one linear layer)."""
-    layers: list[nn.Module] = [nn.Conv2d(1, stem, 3, padding=1, bias=False), nn.BatchNorm2d(stem), nn.GELU()]
+def fmnet(widths: list[int] = (16, 32, 64), stem: int = 16) -> nn.Module:
+    """Our own: a small all-conv net in the style of airbench (a stem conv, three conv groups
+    that each halve the resolution, global max pool, one linear layer), sized for a CPU: pooling
+    right after each group's first conv keeps most of the work at 14x14 and below. ReLU, not
+    GELU: the same accuracy here, and 10% faster on the CPU."""
+    layers: list[nn.Module] = [nn.Conv2d(1, stem, 3, padding=1, bias=False), nn.BatchNorm2d(stem),
+                               nn.ReLU(inplace=True)]
     cin = stem
     for w in widths:
         layers.append(_ConvGroup(cin, w))
@@ -173,6 +176,14 @@ def fmnet(widths: list[int] = (32, 64, 128), stem: int = 24) -> nn.Module:
 def uses_channels_last(model: nn.Module) -> bool:
     """Conv nets run faster in channels_last on oneDNN; pure MLPs gain nothing."""
     return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def worth_bf16(model: nn.Module) -> bool:
+    """bf16 autocast pays for conv nets and for layers of 64k weights or more (about 2x for
+    tinyvgg, 1.2x for mlp512 on an AMX/AVX-512 BF16 CPU); for the 784-10-10 nets the casts cost
+    more than the matmuls save (linear at batch 32: 82k images/s in fp32, 59k in bf16)."""
+    return any(isinstance(m, nn.Conv2d) or (isinstance(m, nn.Linear) and m.weight.numel() >= 65536)
+               for m in model.modules())
 
 
 def first_conv(model: nn.Module) -> nn.Conv2d | None:

@@ -1,0 +1,205 @@
+"""Benchmarks: the project's training core against the published recipe, side by side in one run.
+
+    python -m benchmarks.run            # or: make bench   (about 10 minutes on 2 cores)
+    python -m benchmarks.run --only linear,tinyvgg
+
+The reference is the published way of training these models, written out here in full:
+``torchvision.datasets.FashionMNIST`` with a per-sample ``ToTensor``, ``DataLoader(batch_size=32,
+shuffle=True)``, plain SGD at lr 0.1, cross-entropy, 3 epochs. Every side trains on the same
+60,000 training images and is scored on the 10,000 test images; times cover the training loop
+only (no evaluation). One JSON line is printed per comparison, with both sides' figures and
+their ratio, after a first line describing the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fmnist import config, engine, losses, models
+from fmnist.data import RAW_DIR
+from fmnist.data.idx import read_pair
+from fmnist.data.loader import Split, Stats
+from fmnist.data.sources import FILES
+
+SEED = 42
+RECIPE = dict(epochs=3, batch_size=32, lr=0.1)  # the published recipe
+PUBLISHED = {"linear": {"hidden": 10}, "tinyvgg": {"hidden_units": 10}}
+GOALS = {"linear": 5.0, "tinyvgg": 2.0}  # throughput ratio, core / reference
+# The final iterate of plain SGD at lr 0.1 moves the linear model's test accuracy by a point or
+# two from one seed to the next, so both sides are averaged over three seeds (tinyvgg's moves less).
+SEEDS = {"linear": (42, 43, 44), "tinyvgg": (42,)}
+BEST_GOALS = ((1.0, 0.930), (5.0, 0.940))  # (time budget in reference-tinyvgg times, test accuracy)
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"machine": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "bf16_native": engine.cpu_has_native_bf16(), "torch": torch.__version__, "python": platform.python_version()}
+
+
+def ensure_raw() -> Path:
+    raw = Path(RAW_DIR)
+    if not all((raw / f.name).is_file() for f in FILES):
+        from fmnist.stages import download
+
+        download.run(progress=False)
+    return raw
+
+
+# --------------------------------------------------------------------------- the reference, as published
+
+def reference(arch: str, raw: Path, seed: int = SEED) -> dict:
+    from torch.utils.data import DataLoader
+    from torchvision import datasets
+    from torchvision.transforms import ToTensor
+
+    with tempfile.TemporaryDirectory() as root:  # torchvision's layout: <root>/FashionMNIST/raw/<files>
+        (Path(root) / "FashionMNIST").mkdir()
+        (Path(root) / "FashionMNIST" / "raw").symlink_to(raw.resolve())
+        train_data = datasets.FashionMNIST(root, train=True, download=False, transform=ToTensor())
+        test_data = datasets.FashionMNIST(root, train=False, download=False, transform=ToTensor())
+    train_dl = DataLoader(train_data, batch_size=RECIPE["batch_size"], shuffle=True)
+    test_dl = DataLoader(test_data, batch_size=RECIPE["batch_size"], shuffle=False)
+
+    torch.manual_seed(seed)
+    model = models.build(arch, PUBLISHED[arch])
+    loss_fn = nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=RECIPE["lr"])
+    train_s = 0.0
+    for _ in range(RECIPE["epochs"]):
+        model.train()
+        t0 = time.perf_counter()
+        train_loss, train_acc = 0.0, 0.0
+        for X, y in train_dl:
+            y_pred = model(X)
+            loss = loss_fn(y_pred, y)
+            train_loss += loss
+            train_acc += (y_pred.argmax(dim=1) == y).sum().item() / len(y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        train_s += time.perf_counter() - t0
+    model.eval()
+    correct = 0
+    with torch.inference_mode():
+        for X, y in test_dl:
+            correct += (model(X).argmax(dim=1) == y).sum().item()
+    n = len(train_data) * RECIPE["epochs"]
+    return {"train_s": round(train_s, 2), "images_per_s": round(n / train_s), "test_accuracy": correct / len(test_data)}
+
+
+# --------------------------------------------------------------------------- the project's core
+
+def load_data(raw: Path) -> tuple[Split, Split, Stats]:
+    images, labels = read_pair(raw / "train-images-idx3-ubyte", raw / "train-labels-idx1-ubyte")
+    train = Split(images, labels, torch.arange(len(labels)))
+    images, labels = read_pair(raw / "t10k-images-idx3-ubyte", raw / "t10k-labels-idx1-ubyte")
+    test = Split(images, labels, torch.arange(len(labels)))
+    pixels = train.images.double().div(255)
+    return train, test, Stats(pixels.mean().item(), pixels.std().item())
+
+
+def core(arch: str, hparams: dict, tc: config.TrainConfig, data: tuple[Split, Split, Stats], seed: int = SEED) -> dict:
+    """The training core exactly as the train stage calls it (on all 60,000 training images)."""
+    train, test, stats = data
+    engine.seed_everything(seed)
+    model = models.build(arch, hparams)
+    loss_fn = losses.make_loss("ce", config.FocalConfig(), tc.label_smoothing)
+    r = engine.fit(model, train, None, stats, tc, loss_fn, seed=seed, progress=False)
+    acc = engine.evaluate(model, test, stats, batch_size=tc.eval_batch_size, bf16=r.bf16, tta_flip=tc.tta_flip)["accuracy"]
+    return {"train_s": round(r.train_time_s, 2), "images_per_s": round(r.images_per_s), "test_accuracy": acc,
+            "epochs": tc.epochs, "bf16": r.bf16}
+
+
+def same_recipe() -> config.TrainConfig:
+    return config.TrainConfig(**RECIPE, optimizer="sgd", momentum=0.0, weight_decay=0.0, schedule="none")
+
+
+# fmnet's longer schedule: a wider net, more epochs, shift augmentation. The same overrides
+# work as `dvc exp run -S ...` (prefix each with -S).
+LONG = ("models.fmnet.widths=[32,64,128]", "models.fmnet.train.epochs=8", "models.fmnet.train.lr=0.004",
+        "models.fmnet.train.augment.shift=1")
+
+
+def best_configs(params: str) -> list[tuple[float, float, config.ModelConfig]]:
+    """fmnet as params.yaml trains it (for the 1x budget), and with LONG (for the 5x budget)."""
+    (t1, a1), (t5, a5) = BEST_GOALS
+    return [(t1, a1, config.load(params).model("fmnet")), (t5, a5, config.load(params, LONG).model("fmnet"))]
+
+
+def pooled(runs: list[dict]) -> dict:
+    """Several seeds as one: total time, overall throughput, mean accuracy (and each seed's)."""
+    if len(runs) == 1:
+        return runs[0]
+    out = dict(runs[0])
+    train_s = sum(r["train_s"] for r in runs)
+    out.update(train_s=round(train_s, 2), images_per_s=round(sum(r["images_per_s"] * r["train_s"] for r in runs) / train_s),
+               test_accuracy=round(sum(r["test_accuracy"] for r in runs) / len(runs), 4),
+               test_accuracy_per_seed=[r["test_accuracy"] for r in runs])
+    return out
+
+
+def emit(line: dict) -> None:
+    print(json.dumps(line), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", default="linear,tinyvgg,best", help="comma-separated: linear, tinyvgg, best")
+    ap.add_argument("--params", default="params.yaml", help="where fmnet's configuration is read from")
+    args = ap.parse_args(argv)
+    parts = set(args.only.split(","))
+    if parts - {"linear", "tinyvgg", "best"}:
+        ap.error(f"--only: unknown part(s) {', '.join(sorted(parts - {'linear', 'tinyvgg', 'best'}))}")
+
+    raw = ensure_raw()
+    data = load_data(raw)
+    emit(machine())
+    ref_tinyvgg = None
+    ok = True
+    for arch in ("linear", "tinyvgg"):
+        if arch not in parts and not (arch == "tinyvgg" and "best" in parts):
+            continue
+        ref = pooled([reference(arch, raw, seed) for seed in SEEDS[arch]])
+        if arch == "tinyvgg":
+            ref_tinyvgg = ref
+        if arch not in parts:
+            continue
+        ours = pooled([core(arch, PUBLISHED[arch], same_recipe(), data, seed) for seed in SEEDS[arch]])
+        speedup = ours["images_per_s"] / ref["images_per_s"]
+        delta = 100 * (ours["test_accuracy"] - ref["test_accuracy"])
+        met = speedup >= GOALS[arch] and delta >= -1.0
+        ok &= met
+        emit({"comparison": f"{arch}, same recipe (batch 32, SGD 0.1, 3 epochs)", "reference": ref, "core": ours,
+              "throughput_ratio": round(speedup, 2), "accuracy_delta_points": round(delta, 2),
+              "goal": f"throughput >= {GOALS[arch]:g}x, accuracy within 1 point", "met": met})
+    if "best" in parts:
+        for budget, goal, m in best_configs(args.params):
+            tc = m.train
+            ours = core(m.arch, m.hparams, tc, data)
+            ratio = ours["train_s"] / ref_tinyvgg["train_s"]
+            met = ratio <= budget and ours["test_accuracy"] >= goal
+            ok &= met
+            emit({"comparison": f"fmnet {m.hparams} ({tc.epochs} epochs) against the reference tinyvgg's training time",
+                  "reference": ref_tinyvgg, "core": ours, "time_ratio": round(ratio, 2),
+                  "accuracy_delta_points": round(100 * (ours["test_accuracy"] - ref_tinyvgg["test_accuracy"]), 2),
+                  "goal": f">= {100 * goal:.1f}% within {budget:g}x the reference's time", "met": met})
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""The benchmark's own logic (the measurements themselves run with `make bench`, not here)."""
+
+import pytest
+
+from benchmarks import run as bench
+from fmnist import config
+
+
+def test_best_configurations_are_params_yaml_and_its_long_schedule():
+    (b1, a1, short), (b5, a5, long) = bench.best_configs("params.yaml")
+    assert (b1, a1, b5, a5) == (1.0, 0.93, 5.0, 0.94)
+    assert short == config.load("params.yaml").model("fmnet")
+    assert long.hparams["widths"] == [32, 64, 128] and long.train.epochs == 8 and long.train.augment.shift == 1
+    assert long.train.tta_flip and long.train.augment.flip  # the rest as params.yaml has it
+
+
+def test_same_recipe_is_the_published_one():
+    tc = bench.same_recipe()
+    assert (tc.epochs, tc.batch_size, tc.optimizer, tc.lr, tc.momentum, tc.weight_decay, tc.schedule) == (
+        3, 32, "sgd", 0.1, 0.0, 0.0, "none")
+    assert tc.augment == config.AugmentConfig() and not tc.tta_flip and tc.label_smoothing == 0
+
+
+def test_seeds_pool_into_total_time_overall_throughput_and_mean_accuracy():
+    runs = [{"train_s": 2.0, "images_per_s": 1000, "test_accuracy": 0.80},
+            {"train_s": 6.0, "images_per_s": 3000, "test_accuracy": 0.84}]
+    p = bench.pooled(runs)
+    assert p["train_s"] == 8.0 and p["images_per_s"] == 2500 and p["test_accuracy"] == 0.82
+    assert p["test_accuracy_per_seed"] == [0.80, 0.84]
+    assert bench.pooled(runs[:1]) == runs[0]
+
+
+def test_unknown_part_is_refused():
+    with pytest.raises(SystemExit):
+        bench.main(["--only", "resnet"])
