@@ -139,6 +139,23 @@ def test_label_smoothing_passes_through():
                                F.cross_entropy(scores, target, label_smoothing=0.1, reduction="sum"))
 
 
+@pytest.mark.parametrize("eps", [0.1, 0.3])
+def test_focal_honours_label_smoothing(eps):
+    scores, target = batch(n=30)
+    # gamma 0, alpha 1 is cross-entropy with the same smoothing, value and gradient
+    ce, g_ce = grad_of(lambda s, t: F.cross_entropy(s, t, label_smoothing=eps), scores, target)
+    fl, g_fl = grad_of(lambda s, t: losses.focal_loss(s, t, gamma=0.0, label_smoothing=eps), scores, target)
+    torch.testing.assert_close(fl, ce, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(g_fl, g_ce, rtol=1e-6, atol=1e-8)
+    # gamma 2: the focal weight applies to every class's term of the smoothed target, per sample
+    p = F.softmax(scores.double(), dim=1)
+    q = torch.full_like(p, eps / 10).scatter_(1, target[:, None], 1 - eps + eps / 10)
+    want = -(q * (1 - p) ** 2 * p.log()).sum(1)
+    fn = losses.make_loss("focal", FocalConfig(gamma=2.0, alpha=1.0), label_smoothing=eps)
+    torch.testing.assert_close(fn(scores, target, reduction="none").double(), want, rtol=1e-5, atol=1e-7)
+    assert not torch.equal(fn(scores, target), losses.focal_loss(scores, target, gamma=2.0))
+
+
 def test_loss_is_chosen_by_params_yaml():
     scores, target = batch()
     focal = config.load(REPO / "params.yaml", ["loss=focal", "focal.gamma=2.0", "focal.alpha=0.5"])

@@ -25,19 +25,28 @@ def cross_entropy(scores: torch.Tensor, target: torch.Tensor, label_smoothing: f
 
 
 def focal_loss(scores: torch.Tensor, target: torch.Tensor, gamma: float = 2.0,
-               alpha: float | torch.Tensor = 1.0, reduction: str = "mean") -> torch.Tensor:
+               alpha: float | torch.Tensor = 1.0, reduction: str = "mean",
+               label_smoothing: float = 0.0) -> torch.Tensor:
     """Multi-class focal loss, -alpha_t (1 - p_t)^gamma log p_t (Lin et al., 2017).
 
-    ``alpha`` is a scalar or one weight per class. gamma = 0 and alpha = 1 is
-    exactly cross-entropy. ``1 - p_t`` is computed as ``-expm1(log p_t)`` and
-    clamped away from 0 so the loss and its gradient stay finite when the model
-    is certain (gamma < 1 would otherwise give 0 * inf).
+    ``alpha`` is a scalar or one weight per class (that of the true class applies). With
+    ``label_smoothing`` e the target is the smoothed distribution q (1 - e + e/K on the true
+    class, e/K elsewhere) and the loss is -alpha_t sum_k q_k (1 - p_k)^gamma log p_k, so gamma = 0
+    and alpha = 1 is exactly cross-entropy, with or without smoothing. ``1 - p`` is computed as
+    ``-expm1(log p)`` and clamped away from 0 so the loss and its gradient stay finite when the
+    model is certain (gamma < 1 would otherwise give 0 * inf).
     """
     logp = F.log_softmax(scores.float(), dim=1)
-    logpt = logp.gather(1, target.unsqueeze(1)).squeeze(1)
-    loss = -logpt
-    if gamma != 0:
-        loss = loss * (-torch.expm1(logpt)).clamp_min(1e-12).pow(gamma)
+    if label_smoothing == 0:
+        logp = logp.gather(1, target.unsqueeze(1))
+    focus = (-torch.expm1(logp)).clamp_min(1e-12).pow(gamma) if gamma != 0 else 1.0
+    terms = -focus * logp
+    if label_smoothing == 0:
+        loss = terms.squeeze(1)
+    else:
+        k = logp.shape[1]
+        q = torch.full_like(logp, label_smoothing / k).scatter_(1, target.unsqueeze(1), 1 - label_smoothing + label_smoothing / k)
+        loss = (q * terms).sum(1)
     if isinstance(alpha, torch.Tensor):
         loss = loss * alpha.to(loss.device)[target]
     elif alpha != 1:
@@ -55,7 +64,7 @@ def make_loss(name: str, focal: FocalConfig, label_smoothing: float = 0.0) -> Lo
         return lambda s, t, reduction="mean": cross_entropy(s, t, label_smoothing, reduction)
     if name == "focal":
         alpha = torch.tensor(focal.alpha) if isinstance(focal.alpha, tuple) else focal.alpha
-        return lambda s, t, reduction="mean": focal_loss(s, t, focal.gamma, alpha, reduction)
+        return lambda s, t, reduction="mean": focal_loss(s, t, focal.gamma, alpha, reduction, label_smoothing)
     raise ValueError(f"unknown loss {name!r}")
 
 
