@@ -131,7 +131,7 @@ def same_recipe() -> config.TrainConfig:
 
 # fmnet's longer schedule: a wider net, more epochs, shift augmentation. The same overrides
 # work as `dvc exp run -S ...` (prefix each with -S).
-LONG = ("models.fmnet.widths=[32,64,128]", "models.fmnet.train.epochs=8", "models.fmnet.train.lr=0.004",
+LONG = ("models.fmnet.widths=[32,64,128]", "models.fmnet.stem=16", "models.fmnet.train.epochs=8", "models.fmnet.train.lr=0.004",
         "models.fmnet.train.augment.shift=1")
 
 

@@ -10,7 +10,7 @@ def test_best_configurations_are_params_yaml_and_its_long_schedule():
     (b1, a1, short), (b5, a5, long) = bench.best_configs("params.yaml")
     assert (b1, a1, b5, a5) == (1.0, 0.93, 5.0, 0.94)
     assert short == config.load("params.yaml").model("fmnet")
-    assert long.hparams["widths"] == [32, 64, 128] and long.train.epochs == 8 and long.train.augment.shift == 1
+    assert long.hparams["widths"] == [32, 64, 128] and long.hparams["stem"] == 16 and long.train.epochs == 8 and long.train.augment.shift == 1
     assert long.train.tta_flip and long.train.augment.flip  # the rest as params.yaml has it
 
 

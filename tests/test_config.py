@@ -86,6 +86,7 @@ BAD = [  # (dotted key, value, key the message must start with, words it must co
     ("models.mlp", 5, "models.mlp", "must be a mapping"),
     ("models.mlp.hiddn", 5, "models.mlp.hiddn", "unknown hyperparameter of mlp; allowed: hidden"),
     ("models.mlp.hidden", 0, "models.mlp.hidden", "integer >= 1"),
+    ("models.fmnet.stem", -1, "models.fmnet.stem", "integer >= 0"),  # 0 is allowed: no stem
     ("models.ffn_bn.dropout", 1.5, "models.ffn_bn.dropout", "[0, 1)"),
     ("models.fmnet.train.lrr", 0.1, "models.fmnet.train.lrr", "unknown key"),
     ("models.fmnet.train.lr", -1, "models.fmnet.train.lr", "> 0"),
@@ -205,7 +206,7 @@ def test_model_train_overrides_merge_over_the_shared_section():
     fmnet, mlp = cfg.model("fmnet").train, cfg.model("mlp").train
     assert mlp == cfg.train
     assert (fmnet.epochs, fmnet.batch_size, fmnet.lr, fmnet.label_smoothing, fmnet.tta_flip) == (
-        5, 256, 0.008, 0.1, True)
+        6, 256, 0.008, 0.1, True)
     assert fmnet.augment == config.AugmentConfig(flip=True, shift=0, erase=0.0)  # erase from train.augment
     assert (fmnet.optimizer, fmnet.weight_decay, fmnet.schedule) == (cfg.train.optimizer, cfg.train.weight_decay,
                                                                      cfg.train.schedule)

@@ -115,11 +115,22 @@ def test_cnn_bn_three_convs_with_bn_and_pooling_three_fc_dropout():
     assert kinds(model)[-1] == "Linear"
 
 
+@pytest.mark.parametrize("stem", [0, 8])
+def test_fmnet_stem_is_optional(stem):
+    model = models.build("fmnet", {"widths": [4, 8, 16], "stem": stem})
+    convs = layers(model, nn.Conv2d)
+    assert len(convs) == 6 + bool(stem)  # two per group, and the stem when asked for
+    assert convs[0].in_channels == 1 and convs[0].out_channels == (stem or 4)
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
 @pytest.mark.parametrize("arch, hparams, words", [
     ("resnet", {}, ["unknown architecture 'resnet'", "tinyvgg"]),
     ("tinyvgg", {"hidden": 10}, ["models.tinyvgg.hidden", "unknown hyperparameter", "hidden_units"]),
     ("tinyvgg", {"hidden_units": 0}, ["models.tinyvgg.hidden_units", "integer >= 1"]),
     ("linear", {"hidden": True}, ["models.linear.hidden"]),
+    ("linear", {"hidden": 0}, ["models.linear.hidden", "integer >= 1"]),
+    ("fmnet", {"stem": -1}, ["models.fmnet.stem", "integer >= 0"]),
     ("linear", {"hidden": 2.5}, ["models.linear.hidden"]),
     ("ffn_bn", {"dropout": 1.0}, ["models.ffn_bn.dropout", "[0, 1)"]),
     ("cnn_bn", {"channels": []}, ["models.cnn_bn.channels", "non-empty list"]),
