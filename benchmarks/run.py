@@ -5,7 +5,8 @@
 
 The reference is the published way of training these models, written out here in full:
 ``torchvision.datasets.FashionMNIST`` with a per-sample ``ToTensor``, ``DataLoader(batch_size=32,
-shuffle=True)``, plain SGD at lr 0.1, cross-entropy, 3 epochs. Every side trains on the same
+shuffle=True)``, plain SGD at lr 0.1, cross-entropy, 3 epochs. The core runs the identical recipe
+on the identical inputs (pixels / 255, as ToTensor gives them). Every side trains on the same
 60,000 training images and is scored on the 10,000 test images; times cover the training loop
 only (no evaluation). One JSON line is printed per comparison, with both sides' figures and
 their ratio, after a first line describing the machine.
@@ -38,7 +39,11 @@ GOALS = {"linear": 5.0, "tinyvgg": 2.0}  # throughput ratio, core / reference
 # The final iterate of plain SGD at lr 0.1 moves the linear model's test accuracy by a point or
 # two from one seed to the next, so both sides are averaged over three seeds (tinyvgg's moves less).
 SEEDS = {"linear": (42, 43, 44), "tinyvgg": (42,)}
-BEST_GOALS = ((1.0, 0.930), (5.0, 0.940))  # (time budget in reference-tinyvgg times, test accuracy)
+BEST_GOALS = ((1.0, 0.930), (5.0, 0.940))
+# The same recipe feeds the core the reference's inputs: ToTensor's pixels / 255, not standardised.
+# (Standardised inputs, the project's default, make the final SGD iterate at lr 0.1 noisier for
+# the linear model: 0.7 points lower on average over ten seeds.)
+RECIPE_STATS = Stats(0.0, 1.0)  # (time budget in reference-tinyvgg times, test accuracy)
 
 
 def machine() -> dict:
@@ -179,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             ref_tinyvgg = ref
         if arch not in parts:
             continue
-        ours = pooled([core(arch, PUBLISHED[arch], same_recipe(), data, seed) for seed in SEEDS[arch]])
+        recipe_data = (data[0], data[1], RECIPE_STATS)
+        ours = pooled([core(arch, PUBLISHED[arch], same_recipe(), recipe_data, seed) for seed in SEEDS[arch]])
         speedup = ours["images_per_s"] / ref["images_per_s"]
         delta = 100 * (ours["test_accuracy"] - ref["test_accuracy"])
         met = speedup >= GOALS[arch] and delta >= -1.0

@@ -1,9 +1,12 @@
 """The benchmark's own logic (the measurements themselves run with `make bench`, not here)."""
 
 import pytest
+import torch
+from torchvision.transforms import ToTensor
 
 from benchmarks import run as bench
 from fmnist import config
+from fmnist.data.loader import normalize, to_float
 
 
 def test_best_configurations_are_params_yaml_and_its_long_schedule():
@@ -19,6 +22,13 @@ def test_same_recipe_is_the_published_one():
     assert (tc.epochs, tc.batch_size, tc.optimizer, tc.lr, tc.momentum, tc.weight_decay, tc.schedule) == (
         3, 32, "sgd", 0.1, 0.0, 0.0, "none")
     assert tc.augment == config.AugmentConfig() and not tc.tta_flip and tc.label_smoothing == 0
+
+
+def test_same_recipe_inputs_are_what_totensor_gives_the_reference():
+    images = torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8)
+    ours = normalize(to_float(images, "cpu"), bench.RECIPE_STATS)
+    theirs = torch.stack([ToTensor()(img.numpy()) for img in images])
+    torch.testing.assert_close(ours, theirs)
 
 
 def test_seeds_pool_into_total_time_overall_throughput_and_mean_accuracy():
