@@ -206,16 +206,16 @@ def test_model_train_overrides_merge_over_the_shared_section():
     fmnet, mlp = cfg.model("fmnet").train, cfg.model("mlp").train
     assert mlp == cfg.train
     assert (fmnet.epochs, fmnet.batch_size, fmnet.lr, fmnet.label_smoothing, fmnet.tta_flip) == (
-        6, 256, 0.008, 0.1, True)
-    assert fmnet.augment == config.AugmentConfig(flip=True, shift=0, erase=0.0)  # erase from train.augment
+        8, 256, 0.004, 0.1, True)
+    assert fmnet.augment == config.AugmentConfig(flip=True, shift=1, erase=0.0)  # erase from train.augment
     assert (fmnet.optimizer, fmnet.weight_decay, fmnet.schedule) == (cfg.train.optimizer, cfg.train.weight_decay,
                                                                      cfg.train.schedule)
     # A change to the shared section reaches every model that does not set the key itself.
     cfg = config.load(REPO / "params.yaml", ["train.weight_decay=0.01", "train.augment.erase=0.25",
                                              "train.lr=0.1"])
     fmnet = cfg.model("fmnet").train
-    assert fmnet.weight_decay == 0.01 and fmnet.augment == config.AugmentConfig(flip=True, shift=0, erase=0.25)
-    assert fmnet.lr == 0.008 and cfg.model("mlp").train.lr == 0.1
+    assert fmnet.weight_decay == 0.01 and fmnet.augment == config.AugmentConfig(flip=True, shift=1, erase=0.25)
+    assert fmnet.lr == 0.004 and cfg.model("mlp").train.lr == 0.1
 
 
 def test_params_hash_follows_what_changes_a_model():
