@@ -10,8 +10,8 @@ export PATH := $(abspath $(BIN)):$(PATH)
 help:
 	@echo "make pipeline   set up .venv, then dvc repro (download, preprocess, train, evaluate, report)"
 	@echo "make test       set up .venv, then run the test suite"
-	@echo "make smoke      the whole pipeline on the smoke profile (params-smoke.yaml), a few minutes"
-	@echo "make bench      the benchmarks against the published recipe (benchmarks/README in README.md)"
+	@echo "make smoke      the whole pipeline on the smoke profile (3,000 images, 1 epoch), a few minutes"
+	@echo "make bench      the benchmarks against the published recipe (results: README.md, Benchmarks)"
 	@echo "make exps       dvc exp show, only the columns that matter"
 	@echo "make ui         the MLflow UI on http://127.0.0.1:5000"
 
