@@ -38,7 +38,7 @@ def parse_tags(items: list[str] | tuple[str, ...]) -> dict[str, str]:
 
 
 def latest_per_pair(runs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
-    """(model, loss) -> the newest run with test metrics; ``runs`` come newest first."""
+    """(model, loss) -> the newest run with test metrics, whatever order ``runs`` come in."""
     cells: dict[tuple[str, str], dict[str, Any]] = {}
     for r in sorted(runs, key=lambda r: -(r["start_time"] or 0)):
         model, loss = r["tags"].get("model"), r["tags"].get("loss")

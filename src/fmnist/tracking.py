@@ -94,6 +94,9 @@ def _first_contact(uri: str) -> Iterator[None]:
             os.environ.pop(k, None)
 
 
+FIX_STORE = "start the server, fix MLFLOW_TRACKING_URI, or unset it to use the local sqlite:///<repo>/mlflow.db store"
+
+
 def _cause(e: Exception) -> str:
     """Why a store cannot be used, in a few words rather than MLflow's paragraph."""
     text = " ".join(str(e).split())
@@ -121,9 +124,7 @@ def client():
                     artifacts = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
                 _retry(lambda: c.create_experiment(experiment_name(), artifact_location=artifacts))
     except Exception as e:
-        raise TrackingError(f"MLflow tracking store {uri} cannot be used ({_cause(e)}); start the server, "
-                            "fix MLFLOW_TRACKING_URI, or unset it to use the local sqlite:///<repo>/mlflow.db "
-                            "store") from None
+        raise TrackingError(f"MLflow tracking store {uri} cannot be used ({_cause(e)}); {FIX_STORE}") from None
     return c
 
 
@@ -250,28 +251,6 @@ def existing_run(run_id: str | None) -> Run | None:
     return Run(c, run_id)
 
 
-def search_runs(experiment: str | None = None, filter_string: str = "") -> list[Any]:
-    """Every run of the experiment matching ``filter_string``, newest first."""
-    c = client() if experiment is None else _client_for(experiment)
-    exp = _retry(lambda: c.get_experiment_by_name(experiment or experiment_name()))
-    if exp is None:
-        return []
-    runs, token = [], None
-    while True:
-        page = _retry(lambda: c.search_runs([exp.experiment_id], filter_string, max_results=1000,
-                                            order_by=["attributes.start_time DESC"], page_token=token))
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
-
-def _client_for(experiment: str):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=tracking_uri())
-
-
 def finished_runs(experiment: str | None = None, tags: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """The FINISHED runs of an experiment carrying every tag in ``tags``, newest first, as plain
     dicts (run_id, start_time, tags, metrics), so callers never touch MLflow objects."""
@@ -303,7 +282,6 @@ def finished_runs(experiment: str | None = None, tags: dict[str, str] | None = N
     except TrackingError:
         raise
     except Exception as e:
-        raise TrackingError(f"MLflow tracking store {uri} cannot be read ({_cause(e)}); start the server, "
-                            "fix MLFLOW_TRACKING_URI, or unset it to use the local store") from None
+        raise TrackingError(f"MLflow tracking store {uri} cannot be read ({_cause(e)}); {FIX_STORE}") from None
     return [{"run_id": r.info.run_id, "start_time": r.info.start_time, "tags": dict(r.data.tags),
              "metrics": dict(r.data.metrics)} for r in runs]

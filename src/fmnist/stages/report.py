@@ -45,6 +45,11 @@ def published(arch: str, loss: str) -> float | None:
     return PUBLISHED.get((arch, loss), PUBLISHED.get((arch, None)))
 
 
+def _rank(row: dict[str, Any]) -> tuple:
+    """Best first: higher test accuracy, then lower test loss, then by name."""
+    return -row["test_accuracy"], row["test_loss"], row["model"]
+
+
 # --------------------------------------------------------------------------- reading the inputs
 
 def _need(path: Path) -> Path:
@@ -96,7 +101,7 @@ def _model_row(cfg: Config, name: str) -> dict[str, Any]:
 
 def run(cfg: Config, processed: str | Path = PROCESSED_DIR) -> Path:
     rows = [_model_row(cfg, name) for name in cfg.models]
-    best = max(rows, key=lambda r: (r["test_accuracy"], -r["test_loss"]))
+    best = min(rows, key=_rank)
     for r in rows:
         r["best"] = r is best
     test = load_split("test", processed)
@@ -107,7 +112,7 @@ def run(cfg: Config, processed: str | Path = PROCESSED_DIR) -> Path:
         save_figure(FIGURES / fname, fig)
         figures[fname] = (heading, caption)
 
-    by_acc = sorted(rows, key=lambda r: (-r["test_accuracy"], r["test_loss"], r["model"]))
+    by_acc = sorted(rows, key=_rank)
     save(plots.accuracy_and_time([{"model": r["model"], "accuracy": r["test_accuracy"],
                                    "published": r["published"], "train_time_s": r["train_time_s"],
                                    "best": r["best"]} for r in by_acc]),
@@ -197,7 +202,7 @@ def _misclassified_grid(preds, test, pos, model: str):
 
 def _best_cnn(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The most accurate model whose architecture has a conv layer (built, not trained, to check)."""
-    for r in sorted(rows, key=lambda r: (-r["test_accuracy"], r["test_loss"], r["model"])):
+    for r in sorted(rows, key=_rank):
         if models.first_conv(models.build(r["arch"], r["hparams"])) is not None:
             return r
     return None
