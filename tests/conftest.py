@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import gzip
 import os
+import signal
 import struct
 from pathlib import Path
 
 import pytest
 import torch
 
+from fmnist import cli
 from fmnist.data.idx import IMAGE_MAGIC, LABEL_MAGIC
 
 REAL_DATA = Path("/usr/share/datasets/fashion-mnist")
@@ -73,6 +75,21 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv("DVC_ROOT", raising=False)
     monkeypatch.delenv("FMNIST_SOURCE", raising=False)
     return tmp_path
+
+
+@pytest.fixture
+def fmnist(capsys):
+    """`fmnist ARGS` in this process: (exit status, stdout, stderr). The SIGTERM handler the
+    command installs is put back afterwards."""
+    saved = signal.getsignal(signal.SIGTERM)
+
+    def run(*args: str) -> tuple[int, str, str]:
+        rc = cli.main(list(args))
+        out = capsys.readouterr()
+        return rc, out.out, out.err
+
+    yield run
+    signal.signal(signal.SIGTERM, saved)
 
 
 @pytest.fixture(autouse=True)

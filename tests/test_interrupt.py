@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fmnist import checkpoint, cli, config, engine, losses, models
+from fmnist import checkpoint, config, engine, losses, models
 from fmnist.data.loader import load_split, load_stats
 from fmnist.stages import train
 from reliability_helpers import REPO, make_repo, runs, start, temp_files, wait_for_versions
@@ -29,19 +29,6 @@ RESULT_KEYS = ("epochs", "best_epoch", "train_loss", "train_accuracy", "val_loss
 @pytest.fixture
 def repo(workdir: Path, processed_dir: Path) -> Path:
     return make_repo(workdir, processed_dir)
-
-
-@pytest.fixture
-def fmnist(capsys):
-    """Run the `fmnist` command in this process (cli.main); restore the signal handler it sets."""
-    saved = signal.getsignal(signal.SIGTERM)
-
-    def run(*args: str) -> tuple[int, str]:
-        rc = cli.main(list(args))
-        return rc, capsys.readouterr().err
-
-    yield run
-    signal.signal(signal.SIGTERM, saved)
 
 
 def outputs(root: Path, name: str) -> dict:
@@ -74,7 +61,7 @@ def reference(repo: Path, processed_dir: Path, monkeypatch, fmnist, *args: str) 
     ref = make_repo(repo / "reference", processed_dir)
     with monkeypatch.context() as m:
         m.chdir(ref)
-        rc, err = fmnist("train", *args)
+        rc, _, err = fmnist("train", *args)
         assert rc == 0, err
         assert [r.info.status for r in runs(ref / "mlflow.db")] == ["FINISHED"]
         return outputs(ref, args[0])
@@ -100,7 +87,7 @@ def test_sigint_mid_epoch_keeps_nothing_then_resume_matches_uninterrupted(repo, 
 
     expected = reference(repo, processed_dir, monkeypatch, fmnist, "linear", *SUBPROCESS_SETS)
     with caplog.at_level(logging.WARNING):
-        rc, err = fmnist("train", "linear", "--resume", *SUBPROCESS_SETS)
+        rc, _, err = fmnist("train", "linear", "--resume", *SUBPROCESS_SETS)
     assert rc == 0, err
     assert f"continuing from epoch {state['epoch']}" in caplog.text
     assert not (repo / "models/linear.resume.pt").exists()
@@ -130,7 +117,7 @@ def test_sigkill_mid_epoch_run_is_reaped_and_next_run_is_clean(repo, processed_d
     sets = ["--set", "train.batch_size=64", "--set", "train.epochs=2"]
     expected = reference(repo, processed_dir, monkeypatch, fmnist, "linear", *sets)
     with caplog.at_level(logging.WARNING):
-        rc, err = fmnist("train", "linear", "--resume", *sets)  # the resume file has other params
+        rc, _, err = fmnist("train", "linear", "--resume", *sets)  # the resume file has other params
     assert rc == 0, err
     assert "made with other params; training from the start" in caplog.text
     assert temp_files(repo) == []
@@ -166,7 +153,7 @@ def interrupt_at_batch(monkeypatch, n: int, interrupt=ctrl_c) -> None:
 def test_sigterm_mid_epoch_ends_like_ctrl_c(repo, fmnist, monkeypatch):
     """SIGTERM (what CI and schedulers send to cancel) is handled as Ctrl-C: the run ends KILLED."""
     interrupt_at_batch(monkeypatch, 20, lambda: os.kill(os.getpid(), signal.SIGTERM))  # epoch 3, 9 batches each
-    rc, err = fmnist("train", "linear", "--set", "train.batch_size=64", "--set", "train.epochs=3")
+    rc, _, err = fmnist("train", "linear", "--set", "train.batch_size=64", "--set", "train.epochs=3")
     assert rc == 130, err
     assert_nothing_kept(repo, "linear")
     assert checkpoint.load_file(repo / "models/linear.resume.pt")["epoch"] == 2

@@ -7,13 +7,12 @@ from __future__ import annotations
 import ast
 import os
 import pickle
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 
-from fmnist import atomic, checkpoint, cli, models
+from fmnist import atomic, checkpoint, models
 from fmnist.checkpoint import CheckpointError
 from fmnist.data import DataError
 from fmnist.data.loader import Stats, load_split
@@ -23,22 +22,12 @@ SRC = REPO / "src" / "fmnist"
 
 
 @pytest.fixture
-def repo(workdir: Path, processed_dir: Path) -> Path:
-    return make_repo(workdir / "repo", processed_dir)
-
-
-@pytest.fixture
-def fmnist(repo, capsys, monkeypatch):
-    """`fmnist ARGS` in ``repo`` (this process): exit status and stderr."""
-    monkeypatch.chdir(repo)
-    saved = signal.getsignal(signal.SIGTERM)
-
-    def run(*args: str) -> tuple[int, str]:
-        rc = cli.main(list(args))
-        return rc, capsys.readouterr().err
-
-    yield run
-    signal.signal(signal.SIGTERM, saved)
+def repo(workdir: Path, processed_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A repository of its own inside the scratch folder, and the current directory, so that
+    tree(repo) holds exactly what the commands may write."""
+    root = make_repo(workdir / "repo", processed_dir)
+    monkeypatch.chdir(root)
+    return root
 
 
 def tree(root: Path) -> dict[str, bytes]:
@@ -71,33 +60,24 @@ def truncate(p: Path) -> None:
 def test_train_detects_damaged_processed_data(repo, fmnist, file, damage):
     damage(repo / "data/processed" / file)
     before = tree(repo)
-    rc, err = fmnist("train", "linear", "--set", "train.epochs=1")
+    rc, _, err = fmnist("train", "linear", "--set", "train.epochs=1")
     assert rc == 1
     line = one_line(err, "train")
     assert f"data/processed/{file}" in line and "dvc repro" in line
     assert tree(repo) == before  # no model, no metrics, no MLflow store
 
 
-@pytest.mark.parametrize("damage", [Path.unlink, truncate])
-def test_evaluate_detects_damaged_test_split(repo, fmnist, damage):
+@pytest.mark.parametrize("file, damage", [
+    ("data/processed/test.pt", Path.unlink), ("data/processed/test.pt", truncate), ("models/linear.pt", truncate),
+])
+def test_evaluate_detects_a_damaged_test_split_or_model(repo, fmnist, file, damage):
     save_untrained(repo / "models/linear.pt")
-    damage(repo / "data/processed/test.pt")
+    damage(repo / file)
     before = tree(repo)
-    rc, err = fmnist("evaluate", "linear")
+    rc, _, err = fmnist("evaluate", "linear")
     assert rc == 1
     line = one_line(err, "evaluate")
-    assert "data/processed/test.pt" in line and "dvc repro" in line
-    assert tree(repo) == before
-
-
-def test_truncated_model_is_detected_by_evaluate(repo, fmnist):
-    save_untrained(repo / "models/linear.pt")
-    truncate(repo / "models/linear.pt")
-    before = tree(repo)
-    rc, err = fmnist("evaluate", "linear")
-    assert rc == 1
-    line = one_line(err, "evaluate")
-    assert "models/linear.pt" in line and "dvc repro" in line
+    assert file in line and "dvc repro" in line
     assert tree(repo) == before
 
 
@@ -123,7 +103,7 @@ def test_truncated_model_is_detected_by_evaluate(repo, fmnist):
 def test_bad_params_exit_2_in_one_line_and_write_nothing(repo, fmnist, args, names):
     save_untrained(repo / "models/linear.pt")  # so that evaluate would have something to score
     before = tree(repo)
-    rc, err = fmnist(*args)
+    rc, _, err = fmnist(*args)
     assert rc == 2
     line = one_line(err, args[0])
     for part in names:
@@ -134,7 +114,7 @@ def test_bad_params_exit_2_in_one_line_and_write_nothing(repo, fmnist, args, nam
 def test_typo_in_params_file(repo, fmnist):
     (repo / "params.yaml").write_text((repo / "params.yaml").read_text().replace("  lr: ", "  lrate: "))
     before = tree(repo)
-    rc, err = fmnist("train", "linear")
+    rc, _, err = fmnist("train", "linear")
     assert rc == 2
     line = one_line(err, "train")
     assert "train.lrate: unknown key; allowed:" in line and " lr," in line
@@ -190,14 +170,14 @@ def test_crafted_files_refused_by_the_stages(repo, fmnist):
     marker = repo.parent / "pwned"
     crafted(repo / "models/linear.pt", marker, "zip")
     before = tree(repo)
-    rc, err = fmnist("evaluate", "linear")
+    rc, _, err = fmnist("evaluate", "linear")
     assert rc == 1
     assert "models/linear.pt: refused" in one_line(err, "evaluate")
     assert not marker.exists() and tree(repo) == before
 
     crafted(repo / "models/linear.resume.pt", marker, "zip")
     before = tree(repo)
-    rc, err = fmnist("train", "linear", "--resume")
+    rc, _, err = fmnist("train", "linear", "--resume")
     assert rc == 1
     assert "models/linear.resume.pt: refused" in one_line(err, "train")
     assert not marker.exists() and tree(repo) == before

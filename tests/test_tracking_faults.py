@@ -4,7 +4,6 @@ in one line; parallel trainings against one fresh SQLite store all finish and lo
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import time
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from fmnist import cli, engine, tracking
+from fmnist import engine, tracking
 from reliability_helpers import closed_port, make_repo, start
 
 HTTP_SETTINGS = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT",
@@ -28,9 +27,8 @@ def repo(workdir: Path, processed_dir: Path, monkeypatch: pytest.MonkeyPatch) ->
 
 
 @pytest.fixture
-def fmnist(capsys, monkeypatch):
-    """`fmnist ARGS` in this process; fails the test if training starts."""
-    saved = signal.getsignal(signal.SIGTERM)
+def fmnist(fmnist, monkeypatch):
+    """conftest's `fmnist ARGS`, as (exit status, stderr, seconds); fails the test if training starts."""
 
     def no_fit(*args, **kwargs):
         raise AssertionError("training started")
@@ -39,11 +37,10 @@ def fmnist(capsys, monkeypatch):
 
     def run(*args: str) -> tuple[int, str, float]:
         t0 = time.monotonic()
-        rc = cli.main(list(args))
-        return rc, capsys.readouterr().err, time.monotonic() - t0
+        rc, _, err = fmnist(*args)
+        return rc, err, time.monotonic() - t0
 
-    yield run
-    signal.signal(signal.SIGTERM, saved)
+    return run
 
 
 def assert_one_line_error(err: str, uri: str) -> str:

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import csv
 import json
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 from mlflow import MlflowClient
 
-from fmnist import checkpoint, cli, config, engine, models
+from fmnist import checkpoint, config, engine, models
 from fmnist.data import CLASSES
 from fmnist.data.loader import load_split, load_stats
 from fmnist.stages import evaluate, train
@@ -28,20 +27,6 @@ def repo(workdir: Path, processed_dir: Path, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)  # the default experiment, fashion-mnist
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
     return make_repo(workdir, processed_dir)
-
-
-@pytest.fixture
-def fmnist(capsys):
-    """`fmnist ARGS` in this process: (exit code, stdout, stderr)."""
-    saved = signal.getsignal(signal.SIGTERM)
-
-    def run(*args: str) -> tuple[int, str, str]:
-        rc = cli.main(list(args))
-        out = capsys.readouterr()
-        return rc, out.out, out.err
-
-    yield run
-    signal.signal(signal.SIGTERM, saved)
 
 
 def read_history(root: Path, name: str) -> list[dict]:
