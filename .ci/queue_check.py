@@ -45,7 +45,6 @@ def main() -> int:
             print(sh("dvc", "queue", "logs", n)[-4000:], file=sys.stderr)
         sys.exit(f"queue: experiments failed: {failed}")
 
-    sys.path.insert(0, str(root / "src"))
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")

@@ -4,11 +4,14 @@
   smoke        rewrite params.yaml into the smoke profile (or --print the `dvc exp run -S` set)
   noop         a second `dvc repro` runs no stage, within 5 seconds
   force STAGE  `dvc repro --force` of one train stage gives identical metrics
+  runcache     evaluation settings retrain nothing; after `dvc exp run -S loss=focal`, going back to
+               `-S loss=ce` restores every train and evaluate stage from DVC's run-cache, within 60 s
 """
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -69,16 +72,14 @@ def smoke_overrides(params: dict) -> list[str]:
 
 
 def smoke(argv: list[str]) -> int:
-    from fmnist import config
+    from fmnist import config, params, runspec
 
-    raw = yaml.safe_load(Path("params.yaml").read_text())
-    sets = smoke_overrides(raw)
+    sets = smoke_overrides(params.read("params.yaml"))
     if "--print" in argv:
         print(" ".join(f"-S {s}" for s in sets))
         return 0
-    for s in sets:
-        raw = config.apply_override(raw, s)
-    config.validate(raw)
+    raw = params.read("params.yaml", sets)
+    runspec.resolve(config.validate(raw))
     Path("params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     print("smoke: params.yaml rewritten with " + " ".join(sets))
     return 0
@@ -104,8 +105,9 @@ def noop() -> int:
 
 
 def force(stage: str) -> int:
-    model = stage.split("@", 1)[1]
-    path = Path("reports/train") / model / "metrics.json"
+    from fmnist.runspec import RunPaths
+
+    path = RunPaths.of(stage.split("@", 1)[1]).train_metrics
     before = json.loads(path.read_text())
     res = dvc("repro", "--force", "--single-item", stage)
     if res.returncode != 0:
@@ -122,6 +124,48 @@ def force(stage: str) -> int:
     return 0
 
 
+RUNCACHE_LIMIT_S = 60
+
+
+def _exp_run(*sets: str) -> tuple[dict[str, str], float, str]:
+    """`dvc exp run -S ...` in the workspace: what happened to each stage (ran / cached), the time."""
+    t0 = time.perf_counter()
+    res = dvc("exp", "run", *[a for s in sets for a in ("-S", s)])
+    dt = time.perf_counter() - t0
+    out = res.stdout + res.stderr
+    if res.returncode != 0:
+        print(f"runcache: `dvc exp run {' '.join(sets)}` failed:\n{out}", file=sys.stderr)
+        sys.exit(1)
+    stages = {m: "ran" for m in re.findall(r"Running stage '([^']+)'", out)}
+    stages.update({m: "cached" for m in re.findall(r"Stage '([^']+)' is cached - skipping run", out)})
+    return stages, dt, out
+
+
+def runcache() -> int:
+    models = list(yaml.safe_load(Path("params.yaml").read_text())["models"])
+    trains, evals = [f"train@{m}" for m in models], [f"evaluate@{m}" for m in models]
+    stages, dt, out = _exp_run("evaluate.tta_flip=true")
+    if any(stages.get(t) == "ran" for t in trains) or not all(stages.get(e) == "ran" for e in evals):
+        print(f"runcache: -S evaluate.tta_flip=true must re-run every evaluation and no training:\n{out}",
+              file=sys.stderr)
+        return 1
+    print(f"runcache: -S evaluate.tta_flip=true re-ran {len(evals)} evaluations and no training ({dt:.0f} s)")
+    stages, dt, out = _exp_run("loss=focal", "evaluate.tta_flip=false")
+    if not all(stages.get(t) == "ran" for t in trains):
+        print(f"runcache: -S loss=focal must train every model:\n{out}", file=sys.stderr)
+        return 1
+    print(f"runcache: -S loss=focal trained {len(trains)} models ({dt:.0f} s)")
+    stages, dt, out = _exp_run("loss=ce")
+    not_restored = [s for s in trains + evals if stages.get(s) != "cached"]
+    if not_restored or dt > RUNCACHE_LIMIT_S:
+        print(f"runcache: -S loss=ce must restore every train and evaluate stage from the run-cache within "
+              f"{RUNCACHE_LIMIT_S} s; not restored: {not_restored}; took {dt:.0f} s:\n{out}", file=sys.stderr)
+        return 1
+    print(f"runcache: -S loss=ce restored all {len(trains + evals)} train and evaluate stages from the run-cache "
+          f"in {dt:.0f} s")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     cmd = argv[0] if argv else ""
     if cmd == "lock":
@@ -132,6 +176,8 @@ def main(argv: list[str]) -> int:
         return noop()
     if cmd == "force" and len(argv) == 2:
         return force(argv[1])
+    if cmd == "runcache":
+        return runcache()
     print(__doc__, file=sys.stderr)
     return 2
 

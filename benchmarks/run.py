@@ -26,14 +26,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fmnist import config, engine, losses, models
+from fmnist import runspec
+from fmnist.core import engine, losses, models
 from fmnist.data import RAW_DIR
 from fmnist.data.idx import read_pair
-from fmnist.data.loader import Split, Stats
+from fmnist.data.loader import Split, Stats, pixel_stats
 from fmnist.data.sources import FILES
+from fmnist.runspec import RunSpec
 
 SEED = 42
 RECIPE = dict(epochs=3, batch_size=32, lr=0.1)  # the published recipe
+# ... as params.yaml overrides, for the core's side (the published models' hyperparameters as in params.yaml)
+SAME_RECIPE = ("train.epochs=3", "train.batch_size=32", "train.optimizer=sgd", "train.lr=0.1", "train.momentum=0",
+               "train.weight_decay=0", "train.schedule=none", "models.linear.hidden=10", "models.tinyvgg.hidden_units=10")
 PUBLISHED = {"linear": {"hidden": 10}, "tinyvgg": {"hidden_units": 10}}
 GOALS = {"linear": 5.0, "tinyvgg": 2.0}  # throughput ratio, core / reference
 # The final iterate of plain SGD at lr 0.1 moves the linear model's test accuracy by a point or
@@ -114,24 +119,25 @@ def load_data(raw: Path) -> tuple[Split, Split, Stats]:
     train = Split(images, labels, torch.arange(len(labels)))
     images, labels = read_pair(raw / "t10k-images-idx3-ubyte", raw / "t10k-labels-idx1-ubyte")
     test = Split(images, labels, torch.arange(len(labels)))
-    pixels = train.images.double().div(255)
-    return train, test, Stats(pixels.mean().item(), pixels.std().item())
+    return train, test, pixel_stats(train.images)
 
 
-def core(arch: str, hparams: dict, tc: config.TrainConfig, data: tuple[Split, Split, Stats], seed: int = SEED) -> dict:
+def core(spec: RunSpec, data: tuple[Split, Split, Stats], seed: int = SEED) -> dict:
     """The training core exactly as the train stage calls it (on all 60,000 training images)."""
     train, test, stats = data
+    tc = spec.train
     engine.seed_everything(seed)
-    model = models.build(arch, hparams)
-    loss_fn = losses.make_loss("ce", config.FocalConfig(), tc.label_smoothing)
-    r = engine.fit(model, train, None, stats, tc, loss_fn, seed=seed, progress=False)
-    acc = engine.evaluate(model, test, stats, batch_size=tc.eval_batch_size, bf16=r.bf16, tta_flip=tc.tta_flip)["accuracy"]
+    model = models.build(spec.arch, spec.hparams)
+    loss_fn = losses.make_loss(spec.loss, spec.focal, tc.label_smoothing)
+    r = engine.fit(model, train, None, stats, tc, loss_fn, seed=seed)
+    acc = engine.evaluate(model, test, stats, batch_size=spec.evaluate.batch_size, bf16=r.bf16,
+                          tta_flip=spec.evaluate.tta_flip)["accuracy"]
     return {"train_s": round(r.train_time_s, 2), "images_per_s": round(r.images_per_s), "test_accuracy": acc,
             "epochs": tc.epochs, "bf16": r.bf16}
 
 
-def same_recipe() -> config.TrainConfig:
-    return config.TrainConfig(**RECIPE, optimizer="sgd", momentum=0.0, weight_decay=0.0, schedule="none")
+def same_recipe(arch: str, params: str = "params.yaml") -> RunSpec:
+    return runspec.load(params, SAME_RECIPE)[arch]
 
 
 # fmnet for the reference's own time: narrower, no stem conv, 6 epochs, no shift augmentation.
@@ -140,10 +146,10 @@ SHORT = ("models.fmnet.widths=[16,32,64]", "models.fmnet.stem=0", "models.fmnet.
          "models.fmnet.train.lr=0.008", "models.fmnet.train.augment.shift=0")
 
 
-def best_configs(params: str) -> list[tuple[float, float, config.ModelConfig]]:
+def best_configs(params: str) -> list[tuple[float, float, RunSpec]]:
     """fmnet with SHORT (for the 1x budget), and as params.yaml trains it (for the 5x budget)."""
     (t1, a1), (t5, a5) = BEST_GOALS
-    return [(t1, a1, config.load(params, SHORT).model("fmnet")), (t5, a5, config.load(params).model("fmnet"))]
+    return [(t1, a1, runspec.load(params, SHORT)["fmnet"]), (t5, a5, runspec.load(params)["fmnet"])]
 
 
 def pooled(runs: list[dict]) -> dict:
@@ -185,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         if arch not in parts:
             continue
         recipe_data = (data[0], data[1], RECIPE_STATS)
-        ours = pooled([core(arch, PUBLISHED[arch], same_recipe(), recipe_data, seed) for seed in SEEDS[arch]])
+        ours = pooled([core(same_recipe(arch, args.params), recipe_data, seed) for seed in SEEDS[arch]])
         speedup = ours["images_per_s"] / ref["images_per_s"]
         delta = 100 * (ours["test_accuracy"] - ref["test_accuracy"])
         met = speedup >= GOALS[arch] and delta >= -1.0
@@ -196,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     if "best" in parts:
         for budget, goal, m in best_configs(args.params):
             tc = m.train
-            ours = core(m.arch, m.hparams, tc, data)
+            ours = core(m, data)
             ratio = ours["train_s"] / ref_tinyvgg["train_s"]
             met = ratio <= budget and ours["test_accuracy"] >= goal
             ok &= met

@@ -13,6 +13,7 @@ import torch
 
 from fmnist import cli
 from fmnist.data.idx import IMAGE_MAGIC, LABEL_MAGIC
+from reliability_helpers import make_repo
 
 REAL_DATA = Path("/usr/share/datasets/fashion-mnist")
 REPO = Path(__file__).resolve().parents[1]
@@ -57,11 +58,10 @@ def raw_dir(tmp_path: Path) -> Path:
 def processed_dir(tmp_path: Path, raw_dir: Path) -> Path:
     """data/processed/ built by the real preprocess stage from the synthetic raw files."""
     from fmnist import config
-    from fmnist.stages import preprocess
+    from fmnist.commands import preprocess
 
-    cfg = config.load(REPO / "params.yaml")
     out = tmp_path / "processed"
-    preprocess.run(cfg, raw=raw_dir, out=out)
+    preprocess.run(config.load(REPO / "params.yaml"), raw=raw_dir, out=out)
     return out
 
 
@@ -78,18 +78,32 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture
-def fmnist(capsys):
-    """`fmnist ARGS` in this process: (exit status, stdout, stderr). The SIGTERM handler the
-    command installs is put back afterwards."""
+def repo(workdir: Path, processed_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The scratch repository root with the repository's params.yaml and the synthetic processed data;
+    runs go to the default experiment, fashion-mnist."""
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    return make_repo(workdir, processed_dir)
+
+
+@pytest.fixture
+def restore_sigterm():
+    """For tests that call cli.main, which installs its own SIGTERM handler."""
     saved = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, saved)
+
+
+@pytest.fixture
+def fmnist(capsys, restore_sigterm):
+    """`fmnist ARGS` in this process: (exit status, stdout, stderr)."""
 
     def run(*args: str) -> tuple[int, str, str]:
         rc = cli.main(list(args))
         out = capsys.readouterr()
         return rc, out.out, out.err
 
-    yield run
-    signal.signal(signal.SIGTERM, saved)
+    return run
 
 
 @pytest.fixture(autouse=True)
@@ -97,3 +111,20 @@ def _quiet_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
     monkeypatch.setenv("TQDM_DISABLE", "1")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+
+def specs(*overrides: str, params: str | Path = "params.yaml") -> dict:
+    """Every model's run spec from ``params`` with ``overrides`` (as `--set`)."""
+    from fmnist import runspec
+
+    return runspec.load(params, overrides)
+
+
+def make_spec(arch: str = "linear", hparams: dict | None = None, model: str | None = None, **train):
+    """A run spec made directly (not from params.yaml), for tests of one piece."""
+    from fmnist import config, runspec
+
+    name = model or arch
+    return runspec.RunSpec(model=name, arch=arch, hparams=dict(hparams or {}), seed=42, loss="ce", focal=None,
+                           data=config.DataConfig(), train=config.TrainConfig(**train),
+                           evaluate=config.EvalConfig(), paths=runspec.RunPaths.of(name))

@@ -5,6 +5,7 @@ import torch
 from torchvision.transforms import ToTensor
 
 from benchmarks import run as bench
+from conftest import specs
 from fmnist import config
 from fmnist.data.loader import normalize, to_float
 
@@ -12,17 +13,20 @@ from fmnist.data.loader import normalize, to_float
 def test_best_configurations_are_a_short_schedule_and_params_yaml():
     (b1, a1, short), (b5, a5, long) = bench.best_configs("params.yaml")
     assert (b1, a1, b5, a5) == (1.0, 0.93, 5.0, 0.94)
-    assert long == config.load("params.yaml").model("fmnet")
+    assert long == specs()["fmnet"]
     assert short.hparams == {"widths": [16, 32, 64], "stem": 0}
     assert (short.train.epochs, short.train.lr, short.train.augment.shift) == (6, 0.008, 0)
-    assert short.train.tta_flip and short.train.augment.flip  # the rest as params.yaml has it
+    assert short.evaluate.tta_flip and short.train.augment.flip  # the rest as params.yaml has it
 
 
 def test_same_recipe_is_the_published_one():
-    tc = bench.same_recipe()
-    assert (tc.epochs, tc.batch_size, tc.optimizer, tc.lr, tc.momentum, tc.weight_decay, tc.schedule) == (
-        3, 32, "sgd", 0.1, 0.0, 0.0, "none")
-    assert tc.augment == config.AugmentConfig() and not tc.tta_flip and tc.label_smoothing == 0
+    for arch, hparams in bench.PUBLISHED.items():
+        spec = bench.same_recipe(arch)
+        tc = spec.train
+        assert (tc.epochs, tc.batch_size, tc.optimizer, tc.lr, tc.momentum, tc.weight_decay, tc.schedule) == (
+            3, 32, "sgd", 0.1, 0.0, 0.0, "none")
+        assert tc.augment == config.AugmentConfig() and tc.label_smoothing == 0 and spec.loss == "ce"
+        assert spec.hparams == hparams and not spec.evaluate.tta_flip
 
 
 def test_same_recipe_inputs_are_what_totensor_gives_the_reference():

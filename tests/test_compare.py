@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from fmnist import cli, compare, tracking
+from fmnist import cli, tracking
+from fmnist.commands import compare
 
 from conftest import REPO
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +12,7 @@ import pytest
 import yaml
 
 from conftest import REPO, write_raw
-from fmnist import cli, config
-from fmnist.config import ConfigError
+from fmnist import ConfigError, cli, config, runspec
 
 BASE = yaml.safe_load((REPO / "params.yaml").read_text())
 
@@ -36,11 +34,6 @@ def write_params(folder: Path, raw: dict[str, Any] | str) -> Path:
     return path
 
 
-@pytest.fixture
-def restore_sigterm():
-    old = signal.getsignal(signal.SIGTERM)
-    yield
-    signal.signal(signal.SIGTERM, old)
 
 
 # --------------------------------------------------------------------------- the good file
@@ -50,18 +43,19 @@ def test_repository_params_load_typed_and_frozen():
     assert cfg.seed == 42 and cfg.loss == "ce" and cfg.data.val_fraction == 0.1
     assert isinstance(cfg.train.lr, float) and isinstance(cfg.train.epochs, int)
     assert cfg.focal == config.FocalConfig(gamma=2.0, alpha=1.0)
-    assert cfg.models == tuple(BASE["models"])
+    assert tuple(cfg.models) == tuple(BASE["models"])
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.train.lr = 1.0  # type: ignore[misc]
-    for name in cfg.models:
-        assert cfg.model(name).arch == name
+    for name, entry in cfg.models.items():
+        assert entry.arch == name
 
 
 def test_defaults_fill_a_minimal_file(tmp_path):
     cfg = config.load(write_params(tmp_path, "models:\n  mlp: {}\n"))
     assert cfg.seed == 42 and cfg.loss == "ce"
     assert cfg.data == config.DataConfig() and cfg.train == config.TrainConfig()
-    assert cfg.model("mlp").hparams == {} and cfg.model("mlp").train == config.TrainConfig()
+    assert cfg.evaluate == config.EvalConfig()
+    assert cfg.models["mlp"].hparams == {} and cfg.models["mlp"].train == config.TrainConfig()
 
 
 def test_yaml_1_2_numbers_and_focal_alpha_list(tmp_path):
@@ -77,7 +71,13 @@ def test_yaml_1_2_numbers_and_focal_alpha_list(tmp_path):
 # --------------------------------------------------------------------------- bad values
 
 BAD = [  # (dotted key, value, key the message must start with, words it must contain)
-    ("lrr", 0.1, "lrr", "unknown key; allowed: data, focal, loss, models, seed, train"),
+    ("lrr", 0.1, "lrr", "unknown key; allowed: data, evaluate, focal, loss, models, seed, train"),
+    ("train.tta_flip", True, "train.tta_flip", "unknown key"),  # evaluation settings live under evaluate:
+    ("evaluate.tta_flip", "yes", "evaluate.tta_flip", "true or false"),
+    ("evaluate.batch_size", 0, "evaluate.batch_size", ">= 1"),
+    ("evaluate.flip", True, "evaluate.flip", "allowed: batch_size, tta_flip"),
+    ("evaluate.models.resnet", {}, "evaluate.models.resnet", "not a model of `models:`"),
+    ("evaluate.models.mlp", {"tta_flip": 1}, "evaluate.models.mlp.tta_flip", "true or false"),
     ("train.lrr", 0.1, "train.lrr", "unknown key; allowed:"),
     ("train.augment.flipp", True, "train.augment.flipp", "allowed: erase, flip, shift"),
     ("data.val_frac", 0.2, "data.val_frac", "allowed: val_fraction"),
@@ -129,7 +129,7 @@ BAD = [  # (dotted key, value, key the message must start with, words it must co
 @pytest.mark.parametrize("key,value,names,says", BAD, ids=[f"{k}={v!r}" for k, v, _, _ in BAD])
 def test_bad_value_names_its_key(tmp_path, key, value, names, says):
     with pytest.raises(ConfigError) as e:
-        config.load(write_params(tmp_path, with_value(key, value)))
+        runspec.load(write_params(tmp_path, with_value(key, value)))
     msg = str(e.value)
     assert msg.startswith(names + ":") and says in msg
     assert "\n" not in msg and e.value.exit_code == 2
@@ -153,9 +153,8 @@ def test_missing_file(tmp_path):
 
 
 def test_unknown_model_name():
-    cfg = config.load(REPO / "params.yaml")
     with pytest.raises(ConfigError) as e:
-        cfg.model("resnet")
+        runspec.pick(runspec.load(REPO / "params.yaml"), "resnet")
     assert str(e.value).startswith("model 'resnet': not in params.yaml") and "mlp" in str(e.value)
 
 
@@ -192,8 +191,8 @@ def test_plus_adds_a_key(tmp_path):
     with pytest.raises(ConfigError, match="no key 'train'"):
         config.load(path, ["train.lr=0.5"])
     cfg = config.load(path, ["+train.lr=0.5", "+models.wide.arch=mlp", "+models.wide.hidden=64"])
-    assert cfg.train.lr == 0.5 and cfg.models == ("mlp", "wide")
-    wide = cfg.model("wide")
+    assert cfg.train.lr == 0.5 and tuple(cfg.models) == ("mlp", "wide")
+    wide = cfg.models["wide"]
     assert wide.arch == "mlp" and wide.hparams == {"hidden": 64} and wide.train.lr == 0.5
     with pytest.raises(ConfigError, match=r"^train\.bogus: unknown key"):  # added, then validated
         config.load(path, ["+train.bogus=1"])
@@ -203,30 +202,32 @@ def test_plus_adds_a_key(tmp_path):
 
 def test_model_train_overrides_merge_over_the_shared_section():
     cfg = config.load(REPO / "params.yaml")
-    fmnet, mlp = cfg.model("fmnet").train, cfg.model("mlp").train
+    fmnet, mlp = cfg.models["fmnet"].train, cfg.models["mlp"].train
     assert mlp == cfg.train
-    assert (fmnet.epochs, fmnet.batch_size, fmnet.lr, fmnet.label_smoothing, fmnet.tta_flip) == (
-        8, 256, 0.004, 0.1, True)
+    assert (fmnet.epochs, fmnet.batch_size, fmnet.lr, fmnet.label_smoothing) == (8, 256, 0.004, 0.1)
+    assert cfg.models["fmnet"].evaluate.tta_flip and not cfg.models["mlp"].evaluate.tta_flip
     assert fmnet.augment == config.AugmentConfig(flip=True, shift=1, erase=0.0)  # erase from train.augment
     assert (fmnet.optimizer, fmnet.weight_decay, fmnet.schedule) == (cfg.train.optimizer, cfg.train.weight_decay,
                                                                      cfg.train.schedule)
     # A change to the shared section reaches every model that does not set the key itself.
     cfg = config.load(REPO / "params.yaml", ["train.weight_decay=0.01", "train.augment.erase=0.25",
                                              "train.lr=0.1"])
-    fmnet = cfg.model("fmnet").train
+    fmnet = cfg.models["fmnet"].train
     assert fmnet.weight_decay == 0.01 and fmnet.augment == config.AugmentConfig(flip=True, shift=1, erase=0.25)
-    assert fmnet.lr == 0.004 and cfg.model("mlp").train.lr == 0.1
+    assert fmnet.lr == 0.004 and cfg.models["mlp"].train.lr == 0.1
+
+
+def h(overrides: list[str], name: str = "mlp") -> str:
+    return runspec.load(REPO / "params.yaml", overrides)[name].params_hash
 
 
 def test_params_hash_follows_what_changes_a_model():
-    base = config.load(REPO / "params.yaml")
-    h = lambda overrides, name="mlp": config.load(REPO / "params.yaml", overrides).params_hash(name)  # noqa: E731
-    assert h([]) == base.params_hash("mlp") and len(h([])) == 16
+    assert len(h([])) == 16 and h([]) == h([])
     assert h(["train.lr=0.01"]) != h([])
     assert h(["seed=1"]) != h([])
     assert h(["models.mlp.hidden=11"]) != h([])
     assert h(["models.fmnet.train.lr=0.01"]) == h([])  # another model's override
-    assert h(["train.resume=true"]) == h([])  # how a run is carried out, not what it computes
+    assert h(["evaluate.tta_flip=true", "evaluate.batch_size=10"]) == h([])  # evaluation never changes weights
     assert h(["focal.gamma=3"]) == h([])  # unused under loss: ce ...
     assert h(["loss=focal", "focal.gamma=3"]) != h(["loss=focal"])  # ... used under focal
     assert h(["models.fmnet.train.lr=0.01"], "fmnet") != h([], "fmnet")

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fmnist import engine, losses, models
+from fmnist.core import engine, losses, models
 from fmnist.config import AugmentConfig, ConfigError, FocalConfig, TrainConfig
 from fmnist.data.loader import BatchLoader, Split, Stats, normalize, random_erase, random_flip, random_shift, to_float
 
@@ -31,7 +31,7 @@ TRAIN, VAL = make_split(100, seed=1), make_split(40, seed=2)
 
 def cfg(**kw) -> TrainConfig:
     base = TrainConfig(epochs=2, batch_size=32, optimizer="sgd", lr=0.05, momentum=0.9, schedule="none",
-                       device="cpu", precision="fp32", eval_batch_size=64)
+                       device="cpu", precision="fp32")
     return dataclasses.replace(base, **kw)
 
 
@@ -40,7 +40,7 @@ def fit(*, arch: str = "linear", hparams: dict | None = None, model_seed: int = 
     """A model initialised from ``model_seed``, trained on TRAIN with ``cfg(**kw)`` and data seed ``seed``."""
     engine.seed_everything(model_seed)
     model = models.build(arch, hparams or {"hidden": 8})
-    result = engine.fit(model, TRAIN, VAL, STATS, cfg(**kw), CE, seed=seed, progress=False)
+    result = engine.fit(model, TRAIN, VAL, STATS, cfg(**kw), CE, seed=seed)
     return model, result
 
 
@@ -71,7 +71,7 @@ def test_every_optimizer_is_built_as_configured_and_learns(optimizer, kw, cls):
     engine.seed_everything(0)
     model = models.build("linear", {"hidden": 8})
     before = [p.detach().clone() for p in model.parameters()]
-    result = engine.fit(model, TRAIN, VAL, STATS, dataclasses.replace(c, epochs=3), CE, seed=0, progress=False)
+    result = engine.fit(model, TRAIN, VAL, STATS, dataclasses.replace(c, epochs=3), CE, seed=0)
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     h = result.history
     assert h[-1]["train_loss"] < h[0]["train_loss"] and h[-1]["val_loss"] < h[0]["val_loss"]
@@ -112,7 +112,7 @@ def test_history_lr_follows_the_schedule(schedule, optimizer):
     ([1.0, 0.5, 0.7, 0.6, 0.4, 0.3], 2, 6, 4, 2, True),  # two bad epochs after the best: stop
     ([1.0, 0.9, 1.0, 0.8, 1.1, 0.7], 2, 6, 6, 6, False),  # an improvement resets the count
     ([1.0, 0.5, 0.7, 0.6], 2, 4, 4, 2, False),  # the last epoch is bad: best weights still restored
-    ([1.0, 0.5, 0.7, 0.6], 0, 4, 4, 2, False),  # patience 0: off, the last weights stay
+    ([1.0, 0.5, 0.7, 0.6], 0, 4, 4, 4, False),  # patience 0: off, the last weights stay and count as kept
 ])
 def test_early_stopping_stops_after_patience_and_restores_the_best(monkeypatch, val_losses, patience, epochs, ran,
                                                                    best, stopped):
@@ -131,14 +131,13 @@ def test_early_stopping_stops_after_patience_and_restores_the_best(monkeypatch, 
     engine.seed_everything(0)
     model = models.build("linear", {"hidden": 8})
     result = engine.fit(model, TRAIN, VAL, STATS, cfg(epochs=epochs, patience=patience), CE, seed=0,
-                        on_epoch=on_epoch, progress=False)
+                        on_epoch=on_epoch)
     assert [r["epoch"] for r in result.history] == list(range(1, ran + 1)) == sorted(weights)
     assert [r["val_loss"] for r in result.history] == val_losses[:ran]
-    assert result.best_epoch == best and result.stopped_early is stopped
-    keep = best if patience else ran
+    assert result.best_epoch == best and result.stopped_early is stopped  # best_epoch: the weights kept
     final = model.state_dict()
-    assert all(torch.equal(final[k], weights[keep][k]) for k in final)
-    assert not all(torch.equal(final[k], weights[ran if keep != ran else 1][k]) for k in final)
+    assert all(torch.equal(final[k], weights[best][k]) for k in final)
+    assert not all(torch.equal(final[k], weights[ran if best != ran else 1][k]) for k in final)
 
 
 # --------------------------------------------------------------------------- augmentation
@@ -283,7 +282,7 @@ def test_non_finite_training_loss_stops_with_a_clear_error():
     engine.seed_everything(0)
     with pytest.raises(FloatingPointError, match="train.lr"):
         engine.fit(models.build("linear"), TRAIN, VAL, STATS, cfg(), lambda s, t: CE(s, t) * float("nan"),
-                   seed=0, progress=False)
+                   seed=0)
 
 
 # --------------------------------------------------------------------------- predict and score

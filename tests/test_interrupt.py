@@ -14,9 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from fmnist import checkpoint, config, engine, losses, models
+from conftest import specs
+from fmnist import checkpoint
+from fmnist.commands import train
+from fmnist.core import engine, losses, models
 from fmnist.data.loader import load_split, load_stats
-from fmnist.stages import train
+from fmnist.runspec import RunPaths
 from reliability_helpers import REPO, make_repo, runs, start, temp_files, wait_for_versions
 
 # A slow enough epoch (135 batches) for a signal to land inside it, and enough of them that the
@@ -26,19 +29,16 @@ SUBPROCESS_SETS = ["--set", "train.batch_size=4", "--set", f"train.epochs={EPOCH
 RESULT_KEYS = ("epochs", "best_epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "n_train")
 
 
-@pytest.fixture
-def repo(workdir: Path, processed_dir: Path) -> Path:
-    return make_repo(workdir, processed_dir)
 
 
 def outputs(root: Path, name: str) -> dict:
     """What a finished run leaves: its metrics, history (without wall-clock columns) and weights."""
-    p = {k: root / v for k, v in train.paths(name).items()}
-    metrics = json.loads(p["metrics"].read_text())
-    with open(p["history"], newline="") as f:
+    p = RunPaths.of(name)
+    metrics = json.loads((root / p.train_metrics).read_text())
+    with open(root / p.history, newline="") as f:
         history = [{k: v for k, v in row.items() if k != "elapsed_s"} for row in csv.DictReader(f)]
     return {"metrics": {k: metrics[k] for k in RESULT_KEYS}, "history": history,
-            "state": checkpoint.load_file(p["model"])["state_dict"]}
+            "state": checkpoint.load_file(root / p.model)["state_dict"]}
 
 
 def assert_same(a: dict, b: dict) -> None:
@@ -50,9 +50,9 @@ def assert_same(a: dict, b: dict) -> None:
 
 
 def assert_nothing_kept(root: Path, name: str) -> None:
-    p = {k: root / v for k, v in train.paths(name).items()}
-    assert not p["model"].exists()
-    assert not p["metrics"].exists() and not p["history"].exists()
+    p = RunPaths.of(name)
+    assert not (root / p.model).exists()
+    assert not (root / p.train_metrics).exists() and not (root / p.history).exists()
     assert temp_files(root) == []
 
 
@@ -81,7 +81,7 @@ def test_sigint_mid_epoch_keeps_nothing_then_resume_matches_uninterrupted(repo, 
     assert_nothing_kept(repo, "linear")
     assert not (repo / "reports").exists()
     state = checkpoint.load_file(repo / "models/linear.resume.pt")
-    assert 2 <= state["epoch"] < EPOCHS  # the last completed epoch; the interrupted one is not kept
+    assert 2 <= state["state"]["epoch"] < EPOCHS  # the last completed epoch; the interrupted one is not kept
     [killed] = runs(repo / "mlflow.db", "linear")
     assert killed.info.status == "KILLED"
 
@@ -89,7 +89,7 @@ def test_sigint_mid_epoch_keeps_nothing_then_resume_matches_uninterrupted(repo, 
     with caplog.at_level(logging.WARNING):
         rc, _, err = fmnist("train", "linear", "--resume", *SUBPROCESS_SETS)
     assert rc == 0, err
-    assert f"continuing from epoch {state['epoch']}" in caplog.text
+    assert f"continuing from epoch {state['state']['epoch']}" in caplog.text
     assert not (repo / "models/linear.resume.pt").exists()
     [resumed] = runs(repo / "mlflow.db", "linear")
     assert resumed.info.run_id == killed.info.run_id and resumed.info.status == "FINISHED"
@@ -134,10 +134,10 @@ def ctrl_c() -> None:
 
 def interrupt_at_batch(monkeypatch, n: int, interrupt=ctrl_c) -> None:
     """Interrupt training in its n-th batch (from inside the loss), by default as Ctrl-C does."""
-    real = losses.from_config
+    real = losses.make_loss
     calls = [0]
 
-    def from_config(*args, **kwargs):
+    def make_loss(*args, **kwargs):
         fn = real(*args, **kwargs)
 
         def loss(out, y):
@@ -147,7 +147,7 @@ def interrupt_at_batch(monkeypatch, n: int, interrupt=ctrl_c) -> None:
             return fn(out, y)
         return loss
 
-    monkeypatch.setattr(losses, "from_config", from_config)
+    monkeypatch.setattr(losses, "make_loss", make_loss)
 
 
 def test_sigterm_mid_epoch_ends_like_ctrl_c(repo, fmnist, monkeypatch):
@@ -156,7 +156,7 @@ def test_sigterm_mid_epoch_ends_like_ctrl_c(repo, fmnist, monkeypatch):
     rc, _, err = fmnist("train", "linear", "--set", "train.batch_size=64", "--set", "train.epochs=3")
     assert rc == 130, err
     assert_nothing_kept(repo, "linear")
-    assert checkpoint.load_file(repo / "models/linear.resume.pt")["epoch"] == 2
+    assert checkpoint.load_file(repo / "models/linear.resume.pt")["state"]["epoch"] == 2
     assert [r.info.status for r in runs(repo / "mlflow.db", "linear")] == ["KILLED"]
 
 
@@ -170,17 +170,17 @@ STEPS_PER_EPOCH = 17  # 540 images / 32
 def test_train_resume_param_restores_rng_state_exactly(repo, processed_dir, monkeypatch):
     """Dropout draws from the global RNG, shuffling and augmentation from the loader's generator:
     a resume that restored either one wrongly would give other weights."""
-    uninterrupted = config.load("params.yaml", RNG_SETS)
-    train.run(uninterrupted, "ffn_bn", progress=False)
+    spec = specs(*RNG_SETS)["ffn_bn"]
+    train.run(spec)
     expected = outputs(repo, "ffn_bn")
 
     with monkeypatch.context() as m:
         interrupt_at_batch(m, 2 * STEPS_PER_EPOCH + 8)  # the middle of epoch 3
         with pytest.raises(KeyboardInterrupt):
-            train.run(uninterrupted, "ffn_bn", progress=False)
+            train.run(spec)
     resume_file = repo / "models/ffn_bn.resume.pt"
     saved = checkpoint.load_file(resume_file)
-    assert saved["epoch"] == 2
+    assert saved["state"]["epoch"] == 2
     assert runs(repo / "mlflow.db", "ffn_bn")[-1].info.status == "KILLED"
 
     # Controls: the same resume file with either RNG state changed gives another result, so the
@@ -188,13 +188,13 @@ def test_train_resume_param_restores_rng_state_exactly(repo, processed_dir, monk
     for key in ("torch_rng", "data_rng"):
         tampered = dict(saved, **{key: torch.Generator().manual_seed(123).get_state()})
         torch.save(tampered, resume_file)
-        train.run(uninterrupted, "ffn_bn", resume=True, progress=False)
+        train.run(spec, resume=True)
         got = outputs(repo, "ffn_bn")
         assert got["metrics"]["val_loss"] != expected["metrics"]["val_loss"], key
         torch.save(saved, resume_file)
 
-    resuming = config.load("params.yaml", [*RNG_SETS, "train.resume=true"])  # the stage, as DVC runs it
-    train.run(resuming, "ffn_bn", progress=False)
+    monkeypatch.setenv(train.RESUME_ENV, "1")  # the stage, as `FMNIST_RESUME=1 dvc repro` runs it
+    train.run(spec, resume=train.resume_requested(False))
     assert_same(expected, outputs(repo, "ffn_bn"))
     assert not resume_file.exists()
 
@@ -202,17 +202,16 @@ def test_train_resume_param_restores_rng_state_exactly(repo, processed_dir, monk
 def test_resume_after_early_stop_does_not_train_on(processed_dir, monkeypatch):
     """A run killed after the epoch that triggered early stopping (before its outputs were
     written) resumes as stopped, instead of training further epochs."""
-    cfg = config.load(REPO / "params.yaml", ["train.epochs=6", "train.batch_size=64", "train.patience=1"])
-    tc = cfg.model("linear").train
+    spec = specs("train.epochs=6", "train.batch_size=64", "train.patience=1", params=REPO / "params.yaml")["linear"]
     data = (load_split("train", processed_dir), load_split("val", processed_dir), load_stats(processed_dir))
     val_losses: list[float] = []
     monkeypatch.setattr(engine, "evaluate", lambda *a, **k: {"loss": val_losses.pop(0), "accuracy": 0.5})
 
     def fit(losses_seen, **kwargs):
         val_losses[:] = losses_seen
-        engine.seed_everything(cfg.seed)
+        engine.seed_everything(spec.seed)
         model = models.build("linear", {})
-        return engine.fit(model, *data, tc, losses.from_config(cfg), seed=cfg.seed, progress=False, **kwargs)
+        return engine.fit(model, *data, spec.train, losses.make_loss(spec.loss), seed=spec.seed, **kwargs)
 
     full = fit([1.0, 0.5, 0.7])  # epoch 3 is worse than epoch 2: stop after it (patience 1)
     assert [r["epoch"] for r in full.history] == [1, 2, 3] and full.stopped_early and full.best_epoch == 2

@@ -7,10 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fmnist import config, engine, losses, models
+
+from fmnist.core import engine, losses, models
 from fmnist.config import FocalConfig
 
-from conftest import REPO
+from conftest import REPO, specs
 
 
 def batch(n: int = 12, seed: int = 0, scale: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,10 +130,10 @@ def test_log_softmax_model_gives_the_same_loss_as_its_logits(name, kw):
 
 def test_label_smoothing_passes_through():
     scores, target = batch()
-    cfg = config.load(REPO / "params.yaml", ["loss=ce", "train.label_smoothing=0.1"])
-    smooth = losses.from_config(cfg, cfg.train.label_smoothing)
+    spec = specs("loss=ce", "train.label_smoothing=0.1", params=REPO / "params.yaml")["mlp"]
+    smooth = losses.make_loss(spec.loss, spec.focal, spec.train.label_smoothing)
     torch.testing.assert_close(smooth(scores, target), F.cross_entropy(scores, target, label_smoothing=0.1))
-    plain = losses.from_config(cfg)
+    plain = losses.make_loss(spec.loss, spec.focal)
     torch.testing.assert_close(plain(scores, target), F.cross_entropy(scores, target))
     assert smooth(scores, target).item() != pytest.approx(plain(scores, target).item(), rel=1e-3)
     torch.testing.assert_close(smooth(scores, target, reduction="sum"),
@@ -158,8 +159,9 @@ def test_focal_honours_label_smoothing(eps):
 
 def test_loss_is_chosen_by_params_yaml():
     scores, target = batch()
-    focal = config.load(REPO / "params.yaml", ["loss=focal", "focal.gamma=2.0", "focal.alpha=0.5"])
-    torch.testing.assert_close(losses.from_config(focal)(scores, target).double(),
+    spec = specs("loss=focal", "focal.gamma=2.0", "focal.alpha=0.5", params=REPO / "params.yaml")["mlp"]
+    assert specs(params=REPO / "params.yaml")["mlp"].focal is None  # no focal settings under loss: ce
+    torch.testing.assert_close(losses.make_loss(spec.loss, spec.focal)(scores, target).double(),
                                focal_reference(scores, target, 2.0, 0.5).mean(), rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="unknown loss"):
         losses.make_loss("hinge", FocalConfig())

@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from fmnist import checkpoint, config, models
-from fmnist.config import ConfigError
+from fmnist import ConfigError, checkpoint
+from fmnist.core import models
 from fmnist.data import CLASSES
 from fmnist.data.loader import Stats
 
-from conftest import REPO
+from conftest import REPO, make_spec, specs
 
 
 def layers(model: nn.Module, kind: type) -> list[nn.Module]:
@@ -40,10 +40,8 @@ def test_every_entry_maps_images_to_10_scores(arch):
 
 
 def test_every_model_in_params_yaml_builds():
-    cfg = config.load(REPO / "params.yaml")
-    for name in cfg.models:
-        mc = cfg.model(name)
-        assert models.build(mc.arch, mc.hparams).eval()(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    for spec in specs(params=REPO / "params.yaml").values():
+        assert models.build(spec.arch, spec.hparams).eval()(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
 
 
 def test_linear_is_two_linear_layers_without_activation():
@@ -151,20 +149,19 @@ def test_checkpoint_rebuilds_the_model_from_the_file_alone(tmp_path, monkeypatch
     model.eval()
     x = torch.randn(4, 1, 28, 28)
     path = tmp_path / "m.pt"
-    checkpoint.save(path, model, name="mine", arch=arch, hparams=hparams, stats=Stats(0.28, 0.35),
-                    params={"seed": 1}, params_hash="abc123", run_id="run42", bf16=False)
+    spec = make_spec(arch, hparams, model="mine")
+    checkpoint.save(path, model, spec, Stats(0.28, 0.35), run_id="run42", bf16=False)
 
     loads = []
     real_load = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(k) or real_load(*a, **k))
     rebuilt, ckpt = checkpoint.load(path)
     assert loads and all(k.get("weights_only") is True for k in loads)
-    assert (ckpt["model"], ckpt["arch"], ckpt["hparams"]) == ("mine", arch, hparams)
-    assert ckpt["classes"] == list(CLASSES) and ckpt["params_hash"] == "abc123"
-    assert ckpt["mlflow_run_id"] == "run42"
-    assert checkpoint.stats_of(ckpt) == Stats(0.28, 0.35)
+    assert ckpt.spec == spec and ckpt.spec.model == "mine"  # the run spec comes back whole
+    assert ckpt.classes == CLASSES and ckpt.run_id == "run42" and ckpt.stats == Stats(0.28, 0.35)
     assert not rebuilt.training
     torch.testing.assert_close(rebuilt(x), model(x), rtol=0, atol=0)
     # The whole file is plain data: the strict loader reads it with no allow-listed globals.
     raw = real_load(path, weights_only=True)
-    assert set(raw) >= {"arch", "hparams", "state_dict", "classes", "stats", "params_hash"}
+    assert set(raw) >= {"spec", "state_dict", "classes", "stats", "bf16"}
+    assert raw["spec"]["params_hash"] == spec.params_hash

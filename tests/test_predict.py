@@ -12,8 +12,12 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from fmnist import checkpoint, cli, engine, losses, models, predict
+from conftest import make_spec
+from fmnist import checkpoint, cli
+from fmnist.commands import predict
 from fmnist.config import TrainConfig
+from fmnist.core import engine, losses, models
+from fmnist.data.images import ImageError, load_image
 from fmnist.data import CLASSES
 from fmnist.data.loader import load_split, load_stats
 
@@ -26,11 +30,9 @@ def trained(processed_dir: Path, tmp_path: Path) -> Path:
     cfg = TrainConfig(epochs=4, batch_size=32, lr=0.01, schedule="none", device="cpu", precision="fp32")
     engine.seed_everything(0)
     model = models.build("linear")
-    engine.fit(model, train, val, stats, cfg, losses.cross_entropy, seed=0, device=torch.device("cpu"),
-               progress=False)
+    engine.fit(model, train, val, stats, cfg, losses.cross_entropy, seed=0, device=torch.device("cpu"))
     path = tmp_path / "linear.pt"
-    checkpoint.save(path, model.cpu(), name="linear", arch="linear", hparams={}, stats=stats,
-                    params={"loss": "ce", "train": {"tta_flip": False}}, params_hash="test", run_id=None, bf16=False)
+    checkpoint.save(path, model.cpu(), make_spec("linear"), stats, run_id=None, bf16=False)
     return path
 
 
@@ -65,7 +67,7 @@ def png_header(width: int, height: int) -> bytes:
 def test_dataset_format_images_are_used_as_they_are(processed_dir, tmp_path):
     test = load_split("test", processed_dir)
     (path, _), = write_test_pngs(processed_dir, tmp_path, n=1)
-    assert predict.load_image(path).tobytes() == test.images[0].numpy().tobytes()
+    assert load_image(path).tobytes() == test.images[0].numpy().tobytes()
 
 
 def test_predicts_the_class_of_test_images(trained, processed_dir, tmp_path):
@@ -85,7 +87,7 @@ def test_other_images_are_converted_like_the_dataset(trained, processed_dir, tmp
     for path, _ in images:
         photos.append(tmp_path / f"{path.stem}.jpg")
         as_photo(path, photos[-1])
-    converted = predict.load_image(photos[0])
+    converted = load_image(photos[0])
     original = torch.frombuffer(bytearray(Image.open(images[0][0]).tobytes()), dtype=torch.uint8).float()
     again = torch.frombuffer(bytearray(converted.tobytes()), dtype=torch.uint8).float()
     assert converted.size == (28, 28) and converted.mode == "L"
@@ -120,8 +122,8 @@ def test_unusable_files_fail_fast_with_one_line(kind, content, message, trained,
     elif content is not None:
         path.write_bytes(content)
     t0 = time.perf_counter()
-    with pytest.raises(predict.ImageError, match=message):
-        predict.load_image(path)
+    with pytest.raises(ImageError, match=message):
+        load_image(path)
     assert time.perf_counter() - t0 < 1.0
     assert cli.main(["predict", str(trained), str(path)]) == 1
     err = capsys.readouterr().err

@@ -14,7 +14,7 @@ from conftest import REAL_DATA, REPO, idx_bytes, synthetic_images, write_raw
 from fmnist import config
 from fmnist.data import CLASSES, DataError
 from fmnist.data.idx import IMAGE_MAGIC, LABEL_MAGIC, read_pair
-from fmnist.stages import preprocess
+from fmnist.commands import preprocess
 
 TRAIN_IMAGES, TRAIN_LABELS = "train-images-idx3-ubyte", "train-labels-idx1-ubyte"
 
@@ -162,7 +162,7 @@ def test_bad_raw_file_writes_nothing(raw_dir, tmp_path, damage):
 def test_real_download_and_preprocess(tmp_path, monkeypatch):
     """Download (from the Debian copy, no network) + preprocess on the real Fashion-MNIST."""
     from fmnist.data import sources as src
-    from fmnist.stages import download
+    from fmnist.commands import download
 
     if not all((REAL_DATA / f"{f.name}.gz").is_file() for f in src.FILES):
         if os.environ.get("CI") == "true":

@@ -4,40 +4,41 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
-from fmnist import checkpoint, config, models
-from fmnist.atomic import write_csv, write_json
+from conftest import REPO, specs
+from fmnist import checkpoint
+from fmnist.commands import report
+from fmnist.core import models
 from fmnist.data import CLASSES
 from fmnist.data.loader import Stats, load_split
-from fmnist.stages import report
-
-from conftest import REPO
+from fmnist.files import write_csv, write_json
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def write_params(root: Path, names: list[str], **train) -> config.Config:
+def write_params(root: Path, names: list[str], processed: Path, *overrides: str, **train) -> dict:
+    """A repository root with params.yaml of these models and the processed data; their run specs."""
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["models"] = {n: raw["models"][n] for n in names}
+    raw["evaluate"]["models"] = {n: v for n, v in raw["evaluate"]["models"].items() if n in names}
     raw["train"].update(train)
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    return config.load(root / "params.yaml")
+    shutil.copytree(processed, root / "data/processed")
+    return specs(*overrides, params=root / "params.yaml")
 
 
-def fake_results(cfg: config.Config, processed: Path, accuracy: dict[str, float], loss: dict[str, str] | None = None):
+def fake_results(specs: dict, accuracy: dict[str, float]):
     """What train@M and evaluate@M would write: metrics, history, predictions, per-class scores and
     a checkpoint (an untrained model of the right architecture)."""
-    test = load_split("test", processed)
-    for k, name in enumerate(cfg.models):
-        mc = cfg.model(name)
-        model = models.build(mc.arch, mc.hparams)
-        params = {**cfg.run_params(name), "loss": (loss or {}).get(name, cfg.loss)}
-        checkpoint.save(f"models/{name}.pt", model, name=name, arch=mc.arch, hparams=mc.hparams,
-                        stats=Stats(0.29, 0.35), params=params, params_hash="x", run_id=None, bf16=False)
+    test = load_split("test")
+    for k, (name, spec) in enumerate(specs.items()):
+        model = models.build(spec.arch, spec.hparams)
+        checkpoint.save(f"models/{name}.pt", model, spec, Stats(0.29, 0.35), run_id=None, bf16=False)
         epochs = 3
         write_csv(f"reports/train/{name}/history.csv",
                   [{"epoch": e, "train_loss": 1.5 / e, "train_accuracy": 0.5 + 0.1 * e, "val_loss": 1.4 / e + 0.05,
@@ -73,9 +74,9 @@ def table_rows(md: str) -> dict[str, str]:
 
 
 def test_report_rows_best_published_and_figures(workdir, processed_dir):
-    cfg = write_params(workdir, ["linear", "mlp", "tinyvgg"])
-    fake_results(cfg, processed_dir, {"linear": 0.85, "mlp": 0.70, "tinyvgg": 0.80}, loss={"mlp": "focal"})
-    path = report.run(cfg, processed=processed_dir)
+    s = write_params(workdir, ["linear", "mlp", "tinyvgg"], processed_dir)
+    fake_results(s, {"linear": 0.85, "mlp": 0.70, "tinyvgg": 0.80})
+    path = report.run(s)
     md = path.read_text()
 
     rows = table_rows(md)
@@ -83,8 +84,8 @@ def test_report_rows_best_published_and_figures(workdir, processed_dir):
     assert "★ best" in rows["linear"] and "best" not in rows["mlp"] + rows["tinyvgg"]
     assert "85.00%" in rows["linear"] and "83.43%" in rows["linear"] and "+1.57 pp" in rows["linear"]
     assert "-8.06 pp" in rows["tinyvgg"]
-    assert "| focal |" in rows["mlp"] and "| ce |" in rows["linear"]  # the loss the checkpoint was trained with
-    n_linear = models.count_parameters(models.build("linear", cfg.model("linear").hparams))
+    assert "| ce |" in rows["mlp"] and "| ce |" in rows["linear"]
+    n_linear = models.count_parameters(models.build("linear", s["linear"].hparams))
     assert f"{n_linear:,}" in rows["linear"]
     assert "First conv layer of tinyvgg" in md  # the best model has no conv layer; the best CNN is used
 
@@ -97,11 +98,11 @@ def test_report_rows_best_published_and_figures(workdir, processed_dir):
 
 
 def test_report_is_deterministic_and_works_without_a_cnn(workdir, processed_dir):
-    cfg = write_params(workdir, ["linear", "mlp"])
-    fake_results(cfg, processed_dir, {"linear": 0.75, "mlp": 0.90})
+    s = write_params(workdir, ["linear", "mlp"], processed_dir)
+    fake_results(s, {"linear": 0.75, "mlp": 0.90})
     (workdir / "reports/figures").mkdir(parents=True)
     (workdir / "reports/figures/conv_kernels.png").write_bytes(PNG_MAGIC)  # stale, from an earlier report
-    report.run(cfg, processed=processed_dir)
+    report.run(s)
     first = {p.name: p.read_bytes() for p in [report.REPORT, *sorted(report.FIGURES.iterdir())]}
     md = report.REPORT.read_text()
     assert "★ best" in table_rows(md)["mlp"]
@@ -109,28 +110,28 @@ def test_report_is_deterministic_and_works_without_a_cnn(workdir, processed_dir)
     for link in linked_figures(md):
         assert (report.REPORT.parent / link).read_bytes().startswith(PNG_MAGIC)
 
-    report.run(cfg, processed=processed_dir)
+    report.run(s)
     again = {p.name: p.read_bytes() for p in [report.REPORT, *sorted(report.FIGURES.iterdir())]}
     assert again == first
 
 
 def test_missing_eval_results_name_the_file(workdir, processed_dir):
-    cfg = write_params(workdir, ["linear", "mlp"])
-    fake_results(cfg, processed_dir, {"linear": 0.8, "mlp": 0.7})
+    s = write_params(workdir, ["linear", "mlp"], processed_dir)
+    fake_results(s, {"linear": 0.8, "mlp": 0.7})
     Path("reports/eval/mlp/metrics.json").unlink()
     with pytest.raises(report.ReportError, match=r"reports/eval/mlp/metrics\.json: missing; run `dvc repro`"):
-        report.run(cfg, processed=processed_dir)
+        report.run(s)
     assert not report.REPORT.exists()
 
 
 def test_report_reads_what_the_train_and_evaluate_stages_write(workdir, processed_dir):
-    from fmnist.stages import evaluate, train
+    from fmnist.commands import evaluate, train
 
-    cfg = write_params(workdir, ["linear", "tinyvgg"], epochs=1, device="cpu", precision="fp32")
-    for name in cfg.models:
-        train.run(cfg, name, progress=False, processed=processed_dir)
-        evaluate.run(cfg, name, processed=processed_dir)
-    md = report.run(cfg, processed=processed_dir).read_text()
+    s = write_params(workdir, ["linear", "tinyvgg"], processed_dir, epochs=1, device="cpu", precision="fp32")
+    for spec in s.values():
+        train.run(spec, progress=False)
+        evaluate.run(spec)
+    md = report.run(s).read_text()
     assert list(table_rows(md)) == ["linear", "tinyvgg"]
     assert all((report.REPORT.parent / link).is_file() for link in linked_figures(md))
     # evaluate logged its figures to each model's MLflow run
@@ -149,7 +150,7 @@ def test_dvc_yaml_report_stage_and_plots_cover_every_model():
     names = list(yaml.safe_load((REPO / "params.yaml").read_text())["models"])
     stage = dvc["stages"]["report"]
     assert stage["cmd"] == "fmnist report"
-    assert {"reports/train", "reports/eval", "models"} <= set(stage["deps"]) and stage["params"] == ["models"]
+    assert {"reports/train", "reports/eval", "models"} <= set(stage["deps"]) and stage["params"] == ["loss", "models"]
     outs = {k: v for o in stage["outs"] for k, v in o.items()}
     assert outs == {"reports/report.md": {"cache": False}, "reports/figures": {"cache": False}}
 
@@ -163,3 +164,16 @@ def test_dvc_yaml_report_stage_and_plots_cover_every_model():
 
     confusion = dvc["stages"]["evaluate"]["do"]["plots"][0]["reports/eval/${key}/predictions.csv"]
     assert (confusion["template"], confusion["x"], confusion["y"]) == ("confusion", "actual", "predicted")
+
+
+def test_train_and_evaluate_stages_can_use_the_run_cache():
+    """DVC 3.67 saves no run-cache entry for a stage with a plain output marked cache: false (only
+    metrics and plots are exempt), and would train a model again instead of restoring it."""
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    for name in ("train", "evaluate"):
+        stage = dvc["stages"][name]["do"]
+        for out in stage.get("outs", []):
+            path, opts = next(iter(out.items())) if isinstance(out, dict) else (out, {})
+            assert opts.get("cache", True), f"{name}: {path} is a plain output with cache: false"
+    assert dvc["stages"]["evaluate"]["do"]["params"] == ["evaluate"]  # evaluation settings never retrain
+    assert "evaluate" not in dvc["stages"]["train"]["do"]["params"]

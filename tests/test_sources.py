@@ -20,30 +20,30 @@ import pytest
 from conftest import write_raw
 from fmnist import cli
 from fmnist.data import DataError
-from fmnist.data import sources as src
-from fmnist.stages import download
+from fmnist.data import sources
+from fmnist.commands import download
 
-NAMES = [f.name for f in src.FILES]
+NAMES = [f.name for f in sources.FILES]
 
 
 # --------------------------------------------------------------------------- fixtures
 
 @pytest.fixture
 def data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
-    """The same small data set as plain files and as gzip files; src.FILES pinned to it, and
+    """The same small data set as plain files and as gzip files; sources.FILES pinned to it, and
     no real local copy, mirror or FMNIST_SOURCE in the way."""
     plain = write_raw(tmp_path / "plain", n_train=60, n_test=20)
     gz = write_raw(tmp_path / "gz", n_train=60, n_test=20, gz=True)
     content = {name: (plain / name).read_bytes() for name in NAMES}
-    files = tuple(src.RawFile(n, hashlib.sha256(b).hexdigest(), len(b)) for n, b in content.items())
-    monkeypatch.setattr(src, "FILES", files)
-    monkeypatch.setattr(src, "LOCAL_COPIES", ())
-    monkeypatch.setattr(src, "MIRRORS", ())
+    files = tuple(sources.RawFile(n, hashlib.sha256(b).hexdigest(), len(b)) for n, b in content.items())
+    monkeypatch.setattr(sources, "FILES", files)
+    monkeypatch.setattr(sources, "LOCAL_COPIES", ())
+    monkeypatch.setattr(sources, "MIRRORS", ())
     monkeypatch.delenv("FMNIST_SOURCE", raising=False)
     for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(var, raising=False)
     sleeps: list[float] = []
-    monkeypatch.setattr(src.time, "sleep", sleeps.append)  # retries without the waiting
+    monkeypatch.setattr(sources.time, "sleep", sleeps.append)  # retries without the waiting
     return SimpleNamespace(plain=plain, gz=gz, content=content, files=files, sleeps=sleeps, tmp=tmp_path)
 
 
@@ -99,13 +99,6 @@ def assert_raw_ok(out: Path, data: SimpleNamespace) -> None:
         assert (out / name).read_bytes() == data.content[name]
 
 
-@pytest.fixture
-def restore_sigterm():
-    import signal
-
-    old = signal.getsignal(signal.SIGTERM)
-    yield
-    signal.signal(signal.SIGTERM, old)
 
 
 # --------------------------------------------------------------------------- source order
@@ -114,25 +107,25 @@ def test_source_order(tmp_path, monkeypatch):
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
     b.mkdir()
-    monkeypatch.setattr(src, "LOCAL_COPIES", (str(tmp_path / "missing"), str(b), str(a)))
-    monkeypatch.setattr(src, "MIRRORS", ("https://one.example/", "http://two.example/"))
+    monkeypatch.setattr(sources, "LOCAL_COPIES", (str(tmp_path / "missing"), str(b), str(a)))
+    monkeypatch.setattr(sources, "MIRRORS", ("https://one.example/", "http://two.example/"))
     monkeypatch.delenv("FMNIST_SOURCE", raising=False)
 
     # Nothing given: local copies that exist, in their order, then the mirrors in theirs.
-    assert [(s.kind, s.location) for s in src.sources()] == [
+    assert [(s.kind, s.location) for s in sources.candidates()] == [
         ("local", str(b)), ("local", str(a)), ("mirror", "https://one.example/"), ("mirror", "http://two.example/")]
     # A given source is the only one: a wrong one must be heard about, not silently replaced.
-    assert src.sources("/given") == [src.Source("given", "/given")]
+    assert sources.candidates("/given") == [sources.Source("given", "/given")]
     monkeypatch.setenv("FMNIST_SOURCE", "/from-env")
-    assert src.sources() == [src.Source("given", "/from-env")]
-    assert src.sources("/given") == [src.Source("given", "/given")]  # --source beats the environment
+    assert sources.candidates() == [sources.Source("given", "/from-env")]
+    assert sources.candidates("/given") == [sources.Source("given", "/given")]  # --source beats the environment
     monkeypatch.setenv("FMNIST_SOURCE", "")
-    assert src.sources()[0].kind == "local"
+    assert sources.candidates()[0].kind == "local"
 
 
 def test_local_copy_comes_before_mirrors(data, server, monkeypatch):
-    monkeypatch.setattr(src, "LOCAL_COPIES", (str(data.gz),))
-    monkeypatch.setattr(src, "MIRRORS", (server.good,))
+    monkeypatch.setattr(sources, "LOCAL_COPIES", (str(data.gz),))
+    monkeypatch.setattr(sources, "MIRRORS", (server.good,))
     download.run(out=data.tmp / "raw", progress=False)
     assert_raw_ok(data.tmp / "raw", data)
     assert server.requests == []
@@ -156,8 +149,8 @@ def test_output_identical_from_every_source(data, server, monkeypatch):
         ("mirror", {}, (), (server.good,)),
         ("given-url", {"source": server.good}, (), ()),
     ):
-        monkeypatch.setattr(src, "LOCAL_COPIES", locals_)
-        monkeypatch.setattr(src, "MIRRORS", mirrors)
+        monkeypatch.setattr(sources, "LOCAL_COPIES", locals_)
+        monkeypatch.setattr(sources, "MIRRORS", mirrors)
         out = data.tmp / "out" / label
         written = download.run(out=out, progress=False, **kwargs)
         assert written == [out / name for name in NAMES]
@@ -171,7 +164,7 @@ def test_present_verified_files_are_kept_and_no_source_is_needed(data, monkeypat
     out = data.tmp / "raw"
     download.run(source=str(data.plain), out=out, progress=False)
     before = snapshot(out)
-    monkeypatch.setattr(src, "MIRRORS", (refused_url(),))
+    monkeypatch.setattr(sources, "MIRRORS", (refused_url(),))
     download.run(out=out, progress=False)  # nothing reachable, nothing needed
     assert snapshot(out) == before
     assert data.sleeps == []
@@ -185,7 +178,7 @@ def test_a_corrupt_file_in_data_raw_is_replaced(data, monkeypatch):
     blob[100] ^= 0x01
     damaged.write_bytes(bytes(blob))
     kept = (out / NAMES[0]).stat().st_mtime_ns
-    monkeypatch.setattr(src, "LOCAL_COPIES", (str(data.gz),))
+    monkeypatch.setattr(sources, "LOCAL_COPIES", (str(data.gz),))
     download.run(out=out, progress=False)
     assert_raw_ok(out, data)
     assert (out / NAMES[0]).stat().st_mtime_ns == kept
@@ -198,8 +191,8 @@ def test_missing_local_copy_falls_back_to_mirror(data, server, monkeypatch):
     partial.mkdir()
     for name in NAMES[:2]:
         (partial / (name + ".gz")).write_bytes((data.gz / (name + ".gz")).read_bytes())
-    monkeypatch.setattr(src, "LOCAL_COPIES", (str(data.tmp / "not-installed"), str(partial)))
-    monkeypatch.setattr(src, "MIRRORS", (server.good,))
+    monkeypatch.setattr(sources, "LOCAL_COPIES", (str(data.tmp / "not-installed"), str(partial)))
+    monkeypatch.setattr(sources, "MIRRORS", (server.good,))
     download.run(out=data.tmp / "raw", progress=False)
     assert_raw_ok(data.tmp / "raw", data)
     assert sorted(server.requests) == sorted(f"/good/{n}.gz" for n in NAMES[2:])
@@ -221,8 +214,8 @@ def test_corrupt_local_copy_falls_back_to_mirror(data, server, monkeypatch, capl
     else:
         del blob[len(blob) // 2:]
     path.write_bytes(bytes(blob))
-    monkeypatch.setattr(src, "LOCAL_COPIES", (str(local),))
-    monkeypatch.setattr(src, "MIRRORS", (server.good,))
+    monkeypatch.setattr(sources, "LOCAL_COPIES", (str(local),))
+    monkeypatch.setattr(sources, "MIRRORS", (server.good,))
     download.run(out=data.tmp / "raw", progress=False)
     assert_raw_ok(data.tmp / "raw", data)
     assert server.requests == [f"/good/{bad}.gz"]
@@ -230,7 +223,7 @@ def test_corrupt_local_copy_falls_back_to_mirror(data, server, monkeypatch, capl
 
 
 def test_unreachable_mirror_is_not_retried_for_the_other_files(data, server, monkeypatch):
-    monkeypatch.setattr(src, "MIRRORS", (server.broken, server.good))
+    monkeypatch.setattr(sources, "MIRRORS", (server.broken, server.good))
     download.run(out=data.tmp / "raw", progress=False)
     assert_raw_ok(data.tmp / "raw", data)
     broken = [r for r in server.requests if r.startswith("/broken/")]
@@ -240,8 +233,8 @@ def test_unreachable_mirror_is_not_retried_for_the_other_files(data, server, mon
 
 def test_nothing_reachable_says_how_to_provide_the_data(data, monkeypatch):
     mirror = refused_url()
-    monkeypatch.setattr(src, "LOCAL_COPIES", (str(data.tmp / "not-installed"),))
-    monkeypatch.setattr(src, "MIRRORS", (mirror,))
+    monkeypatch.setattr(sources, "LOCAL_COPIES", (str(data.tmp / "not-installed"),))
+    monkeypatch.setattr(sources, "MIRRORS", (mirror,))
     out = data.tmp / "data" / "raw"
     with pytest.raises(DataError) as e:
         download.run(out=out, progress=False)
@@ -252,7 +245,7 @@ def test_nothing_reachable_says_how_to_provide_the_data(data, monkeypatch):
 
 
 def test_nothing_reachable_through_the_cli(data, monkeypatch, capsys, restore_sigterm):
-    monkeypatch.setattr(src, "MIRRORS", (refused_url(),))
+    monkeypatch.setattr(sources, "MIRRORS", (refused_url(),))
     monkeypatch.chdir(data.tmp)
     assert cli.main(["download", "--no-progress"]) == 1
     err = capsys.readouterr().err
@@ -299,7 +292,7 @@ def test_bad_given_source_fails_and_leaves_data_raw_unchanged(data, monkeypatch,
         (source / p.name).write_bytes(p.read_bytes())
     bad = NAMES[2]  # two good files are fetched first: all or nothing
     damage_file(source, bad, how)
-    monkeypatch.setattr(src, "LOCAL_COPIES", (str(data.gz),))  # a good copy that must not be used instead
+    monkeypatch.setattr(sources, "LOCAL_COPIES", (str(data.gz),))  # a good copy that must not be used instead
 
     with pytest.raises(DataError) as e:
         download.run(source=str(source), out=out, progress=False)
@@ -313,7 +306,7 @@ def test_given_source_missing_a_file_is_not_replaced_by_another_source(data, mon
     source.mkdir()
     for name in NAMES[:3]:
         (source / name).write_bytes(data.content[name])
-    monkeypatch.setattr(src, "LOCAL_COPIES", (str(data.gz),))
+    monkeypatch.setattr(sources, "LOCAL_COPIES", (str(data.gz),))
     with pytest.raises(DataError) as e:
         download.run(source=str(source), out=data.tmp / "raw", progress=False)
     assert e.value.args[0].startswith(NAMES[3]) and "cannot read it from" in str(e.value)
@@ -357,9 +350,9 @@ def test_bad_source_through_the_cli(data, monkeypatch, capsys, restore_sigterm, 
 def test_verify_accepts_plain_and_any_gzip_of_the_content(data):
     f = data.files[1]
     content = data.content[f.name]
-    assert src.verify(content, f, "x") == content
-    assert src.verify(gzip.compress(content, compresslevel=9, mtime=0), f, "x") == content
-    assert src.verify(gzip.compress(content, compresslevel=1, mtime=99), f, "x") == content
+    assert sources.verify(content, f, "x") == content
+    assert sources.verify(gzip.compress(content, compresslevel=9, mtime=0), f, "x") == content
+    assert sources.verify(gzip.compress(content, compresslevel=1, mtime=99), f, "x") == content
 
 
 def test_verify_bounds_decompression(data):
@@ -367,18 +360,18 @@ def test_verify_bounds_decompression(data):
     f = data.files[1]
     bomb = gzip.compress(data.content[f.name] + bytes(10 * 2**20))
     with pytest.raises(DataError) as e:
-        src.verify(bomb, f, "somewhere")
+        sources.verify(bomb, f, "somewhere")
     assert str(e.value).startswith(f"{f.name} (from somewhere): size mismatch, {f.size + 1} bytes after decompression")
 
 
 def test_oversized_source_file_is_refused_unread(data, monkeypatch):
-    monkeypatch.setattr(src, "MAX_COMPRESSED", 100)
+    monkeypatch.setattr(sources, "MAX_COMPRESSED", 100)
     big = data.plain / NAMES[0]
     with pytest.raises(DataError, match="larger than any Fashion-MNIST file") as e:
-        src.fetch(src.Source("given", str(data.plain)), data.files[0], progress=False)
+        sources.fetch(sources.Source("given", str(data.plain)), data.files[0], progress=False)
     assert str(big) in str(e.value)
 
 
 def test_fetch_from_file_url(data):
     url = "file://" + os.fspath(data.gz)
-    assert src.fetch(src.Source("given", url), data.files[0], progress=False) == data.content[NAMES[0]]
+    assert sources.fetch(sources.Source("given", url), data.files[0], progress=False) == data.content[NAMES[0]]

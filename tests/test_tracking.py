@@ -13,25 +13,22 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from fmnist import checkpoint, config, losses, models, tracking
-from fmnist.config import TrainConfig
-from fmnist.stages import evaluate, train
-
+from conftest import specs
+from fmnist import checkpoint, tracking
+from fmnist.commands import evaluate, train
+from fmnist.config import EvalConfig, TrainConfig
+from fmnist.core import losses, models
 from reliability_helpers import make_repo
 
 SETS = ["train.epochs=2", "train.subset=200", "train.batch_size=50"]
 EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")
 
 
-@pytest.fixture
-def repo(workdir: Path, processed_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)  # the default experiment, fashion-mnist
-    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
-    return make_repo(workdir, processed_dir)
 
 
-def load(*overrides: str) -> config.Config:
-    return config.load("params.yaml", [*SETS, *overrides])
+def load(*overrides: str, model: str = "linear"):
+    """One model's run spec from the scratch repository's params.yaml, with SETS and ``overrides``."""
+    return specs(*SETS, *overrides)[model]
 
 
 def runs(store: Path | str) -> list:
@@ -57,10 +54,10 @@ def test_training_and_evaluation_are_one_finished_run(repo, monkeypatch):
     commit = git(repo, "rev-parse", "HEAD")
     monkeypatch.setenv("DVC_EXP_NAME", "brisk-kite")
     # A model key of its own over another architecture, with its own train override, and the focal loss.
-    cfg = load("+models.tiny.arch=tinyvgg", "+models.tiny.hidden_units=4", "+models.tiny.train.lr=0.005",
-               "loss=focal", "focal.gamma=1.5")
-    result = train.run(cfg, "tiny", progress=False)
-    test = evaluate.run(cfg, "tiny")
+    spec = load("+models.tiny.arch=tinyvgg", "+models.tiny.hidden_units=4", "+models.tiny.train.lr=0.005",
+                "loss=focal", "focal.gamma=1.5", model="tiny")
+    result = train.run(spec)
+    test = evaluate.run(spec)
 
     [run] = runs(repo / "mlflow.db")
     c = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
@@ -78,9 +75,11 @@ def test_training_and_evaluation_are_one_finished_run(repo, monkeypatch):
                                                                                      "42")
     assert (p["train.lr"], p["train.epochs"], p["train.subset"], p["focal.gamma"]) == ("0.005", "2", "200", "1.5")
     assert (p["train.augment.flip"], p["train.augment.shift"], p["data.val_fraction"]) == ("False", "0", "0.1")
-    every = {f"train.{f.name}" for f in dataclasses.fields(TrainConfig) if f.name not in ("augment", "resume")}
+    every = {f"train.{f.name}" for f in dataclasses.fields(TrainConfig) if f.name != "augment"}
+    every |= {f"evaluate.{f.name}" for f in dataclasses.fields(EvalConfig)}
     assert every <= set(p)
-    assert p == {**tracking.flatten(cfg.run_params("tiny")), "n_parameters": str(n)}
+    assert p == {**tracking.flatten(spec.trained_with()), "evaluate.batch_size": "1000", "evaluate.tta_flip": "False",
+                 "n_parameters": str(n)}
 
     # per-epoch metrics at step = epoch, equal to history.csv; final metrics
     rows = history(repo, "tiny")
@@ -99,15 +98,14 @@ def test_training_and_evaluation_are_one_finished_run(repo, monkeypatch):
     assert Path(run.info.artifact_uri.removeprefix("file://")).is_relative_to(repo / "mlartifacts")
     got = Path(c.download_artifacts(rid, "tiny.pt", str(repo / "dl")))
     _, ckpt = checkpoint.load(got)
-    assert ckpt["mlflow_run_id"] == rid and ckpt["params"] == cfg.run_params("tiny")
+    assert ckpt.run_id == rid and ckpt.spec == spec
     assert Path(c.download_artifacts(rid, "history.csv", str(repo / "dl"))).read_text() == \
         (repo / "reports/train/tiny/history.csv").read_text()
 
 
 def test_run_without_git_or_dvc_has_no_such_tags(repo, monkeypatch):
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(repo.parent))  # no repository above the scratch one
-    cfg = load()
-    train.run(cfg, "linear", progress=False)
+    train.run(load())
     [run] = runs(repo / "mlflow.db")
     assert run.info.run_name == "linear-ce" and run.data.tags["loss"] == "ce"
     assert "dvc_exp_name" not in run.data.tags and "mlflow.source.git.commit" not in run.data.tags
@@ -120,9 +118,9 @@ def test_queued_experiment_copy_logs_to_the_real_root(repo, processed_dir, monke
     assert tracking.tracking_uri() == f"sqlite:///{copy / 'mlflow.db'}"  # what we would get without DVC_ROOT
     monkeypatch.setenv("DVC_ROOT", str(repo))
     monkeypatch.setenv("DVC_EXP_NAME", "queued-one")
-    cfg = load()
-    train.run(cfg, "linear", progress=False)
-    test = evaluate.run(cfg, "linear")
+    spec = load()
+    train.run(spec)
+    test = evaluate.run(spec)
 
     assert (copy / "models/linear.pt").is_file() and (copy / "reports/eval/linear/metrics.json").is_file()
     assert not (copy / "mlflow.db").exists() and not (copy / "mlartifacts").exists()
@@ -135,16 +133,16 @@ def test_queued_experiment_copy_logs_to_the_real_root(repo, processed_dir, monke
 def test_mlflow_tracking_uri_overrides_the_default_store(repo, tmp_path, monkeypatch):
     store = tmp_path / "team" / "tracking.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
-    cfg = load()
-    train.run(cfg, "linear", progress=False)
-    evaluate.run(cfg, "linear")
+    spec = load()
+    train.run(spec)
+    evaluate.run(spec)
     assert not (repo / "mlflow.db").exists()
     [run] = runs(store)
     assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics
 
 
 def test_crash_inside_training_marks_the_run_failed(repo, monkeypatch):
-    real = losses.from_config
+    real = losses.make_loss
     calls = 0
 
     def breaking(*args, **kwargs):
@@ -158,17 +156,17 @@ def test_crash_inside_training_marks_the_run_failed(repo, monkeypatch):
             return fn(*a, **k)
         return loss
 
-    monkeypatch.setattr(losses, "from_config", breaking)
+    monkeypatch.setattr(losses, "make_loss", breaking)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train.run(load(), "linear", progress=False)
+        train.run(load())
     [run] = runs(repo / "mlflow.db")
     assert run.info.status == "FAILED"
     c = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     assert [m.step for m in c.get_metric_history(run.info.run_id, "val_loss")] == [1]
     assert not (repo / "models/linear.pt").exists() and not (repo / "reports/train/linear").exists()
 
-    monkeypatch.setattr(losses, "from_config", real)  # the next training is a new, clean run
-    train.run(load(), "linear", progress=False)
+    monkeypatch.setattr(losses, "make_loss", real)  # the next training is a new, clean run
+    train.run(load())
     statuses = sorted(r.info.status for r in runs(repo / "mlflow.db"))
     assert statuses == ["FAILED", "FINISHED"]
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from fmnist import engine, tracking
+from fmnist import tracking
+from fmnist.core import engine
 from reliability_helpers import closed_port, make_repo, start
 
 HTTP_SETTINGS = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT",

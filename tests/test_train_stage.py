@@ -12,21 +12,17 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from fmnist import checkpoint, config, engine, models
+from fmnist import checkpoint
+from fmnist.core import engine, models
 from fmnist.data import CLASSES
 from fmnist.data.loader import load_split, load_stats
-from fmnist.stages import evaluate, train
+from fmnist.commands import evaluate, train
 
-from reliability_helpers import make_repo
+from conftest import specs
 
 SETS = ["train.epochs=3", "train.subset=300", "train.batch_size=50"]
 
 
-@pytest.fixture
-def repo(workdir: Path, processed_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)  # the default experiment, fashion-mnist
-    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
-    return make_repo(workdir, processed_dir)
 
 
 def read_history(root: Path, name: str) -> list[dict]:
@@ -38,9 +34,13 @@ def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def spec(*overrides: str, model: str = "linear"):
+    return specs(*SETS, *overrides)[model]
+
+
 def test_train_writes_model_metrics_and_history(repo):
-    cfg = config.load("params.yaml", SETS)
-    metrics = train.run(cfg, "linear", progress=False)
+    s = spec()
+    metrics = train.run(s, progress=False)
 
     rows = read_history(repo, "linear")
     assert list(rows[0]) == ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "elapsed_s"]
@@ -48,7 +48,7 @@ def test_train_writes_model_metrics_and_history(repo):
     for r in rows:
         assert 0 < float(r["train_loss"]) and 0 < float(r["val_loss"])
         assert 0 <= float(r["train_accuracy"]) <= 1 and 0 <= float(r["val_accuracy"]) <= 1
-        assert 0 < float(r["lr"]) <= cfg.train.lr
+        assert 0 < float(r["lr"]) <= s.train.lr
     elapsed = [float(r["elapsed_s"]) for r in rows]
     assert elapsed == sorted(elapsed) and elapsed[0] > 0
     assert float(rows[-1]["val_loss"]) < float(rows[0]["val_loss"])  # it learns the synthetic classes
@@ -65,12 +65,10 @@ def test_train_writes_model_metrics_and_history(repo):
     assert not (repo / "models/linear.resume.pt").exists()  # the resume state goes once the run is done
 
     model, ckpt = checkpoint.load(repo / "models/linear.pt")
-    assert (ckpt["model"], ckpt["arch"], ckpt["hparams"]) == ("linear", "linear", {"hidden": 10})
-    assert ckpt["classes"] == list(CLASSES)
-    assert checkpoint.stats_of(ckpt) == load_stats("data/processed")
-    assert ckpt["params_hash"] == cfg.params_hash("linear") and ckpt["params"] == cfg.run_params("linear")
+    assert ckpt.spec == s and ckpt.spec.params_hash == s.params_hash  # the run spec it was trained with
+    assert ckpt.classes == CLASSES and ckpt.stats == load_stats("data/processed")
     val = load_split("val", "data/processed")
-    again = engine.evaluate(model, val, checkpoint.stats_of(ckpt), bf16=ckpt["bf16"])
+    again = engine.evaluate(model, val, ckpt.stats, bf16=ckpt.bf16)
     assert again["accuracy"] == saved["val_accuracy"]
     assert again["loss"] == pytest.approx(saved["val_loss"], rel=1e-6)
 
@@ -84,29 +82,29 @@ def test_metrics_describe_the_kept_model(repo, monkeypatch, patience, kept):
         return {**real_evaluate(*args, **kwargs), "loss": next(losses)}
 
     monkeypatch.setattr(engine, "evaluate", scripted)
-    cfg = config.load("params.yaml", [*SETS, f"train.patience={patience}", "train.precision=fp32",
-                                      "train.optimizer=sgd", "train.lr=0.5", "train.schedule=none"])
-    metrics = train.run(cfg, "linear", progress=False)
+    s = spec(f"train.patience={patience}", "train.precision=fp32", "train.optimizer=sgd", "train.lr=0.5",
+             "train.schedule=none")
+    metrics = train.run(s, progress=False)
     rows = read_history(repo, "linear")
-    assert len(rows) == 3 and metrics["epochs"] == 3 and metrics["best_epoch"] == 2
+    assert len(rows) == 3 and metrics["epochs"] == 3 and metrics["best_epoch"] == kept
     row = rows[kept - 1]
     assert metrics["val_loss"] == float(row["val_loss"]) and metrics["val_accuracy"] == float(row["val_accuracy"])
     assert metrics["train_loss"] == float(row["train_loss"])
     model, ckpt = checkpoint.load(repo / "models/linear.pt")
     val = load_split("val", "data/processed")
-    assert real_evaluate(model, val, checkpoint.stats_of(ckpt))["accuracy"] == float(row["val_accuracy"])
+    assert real_evaluate(model, val, ckpt.stats)["accuracy"] == float(row["val_accuracy"])
 
 
 def test_evaluate_scores_every_test_image_from_the_checkpoint(repo):
     # 200 test images in batches of 64: a short last batch
-    cfg = config.load("params.yaml", [*SETS, "train.eval_batch_size=64", "train.precision=fp32"])
-    train.run(cfg, "linear", progress=False)
-    got = evaluate.run(cfg, "linear")
+    s = spec("evaluate.batch_size=64", "train.precision=fp32")
+    train.run(s, progress=False)
+    got = evaluate.run(s)
     assert read_json(repo / "reports/eval/linear/metrics.json") == got
 
     model, ckpt = checkpoint.load(repo / "models/linear.pt")  # the file alone: weights and normalisation
     test = load_split("test", "data/processed")
-    x = test.images.unsqueeze(1).float().div(255).sub(ckpt["stats"]["mean"]).div(ckpt["stats"]["std"])
+    x = test.images.unsqueeze(1).float().div(255).sub(ckpt.stats.mean).div(ckpt.stats.std)
     with torch.no_grad():
         logits = model(x)
     per_sample = torch.nn.functional.cross_entropy(logits, test.labels, reduction="none")
@@ -116,18 +114,18 @@ def test_evaluate_scores_every_test_image_from_the_checkpoint(repo):
 
 
 def test_same_params_give_identical_results(repo):
-    cfg = config.load("params.yaml", [*SETS, "train.augment.flip=true", "train.augment.shift=1"])
+    s = spec("train.augment.flip=true", "train.augment.shift=1", model="tinyvgg")
     drop = ("train_time_s", "images_per_s", "elapsed_s")
-    first = {k: v for k, v in train.run(cfg, "tinyvgg", progress=False).items() if k not in drop}
+    first = {k: v for k, v in train.run(s, progress=False).items() if k not in drop}
     rows1 = [{k: v for k, v in r.items() if k not in drop} for r in read_history(repo, "tinyvgg")]
     state1 = checkpoint.load_file(repo / "models/tinyvgg.pt")["state_dict"]
-    second = {k: v for k, v in train.run(cfg, "tinyvgg", progress=False).items() if k not in drop}
+    second = {k: v for k, v in train.run(s, progress=False).items() if k not in drop}
     rows2 = [{k: v for k, v in r.items() if k not in drop} for r in read_history(repo, "tinyvgg")]
     state2 = checkpoint.load_file(repo / "models/tinyvgg.pt")["state_dict"]
     assert first == second and rows1 == rows2
     assert all(torch.equal(state1[k], state2[k]) for k in state1)
-    other = config.load("params.yaml", [*SETS, "train.augment.flip=true", "train.augment.shift=1", "seed=7"])
-    third = {k: v for k, v in train.run(other, "tinyvgg", progress=False).items() if k not in drop}
+    other = spec("train.augment.flip=true", "train.augment.shift=1", "seed=7", model="tinyvgg")
+    third = {k: v for k, v in train.run(other, progress=False).items() if k not in drop}
     assert third != first
 
 
@@ -139,9 +137,9 @@ def test_cli_train_and_evaluate_with_overrides(repo, fmnist):
     assert rc == 0, err
     assert json.loads(out) == read_json(repo / "reports/train/linear/metrics.json")
     assert len(read_history(repo, "linear")) == 2 and json.loads(out)["n_train"] == 100
-    _, ckpt = checkpoint.load(repo / "models/linear.pt")
-    assert ckpt["hparams"] == {"hidden": 6} and ckpt["state_dict"]["1.weight"].shape == (6, 784)
-    assert ckpt["params"]["train"]["optimizer"] == "sgd" and ckpt["params"]["loss"] == "focal"
+    model, ckpt = checkpoint.load(repo / "models/linear.pt")
+    assert ckpt.spec.hparams == {"hidden": 6} and model[1].weight.shape == (6, 784)
+    assert ckpt.spec.train.optimizer == "sgd" and ckpt.spec.loss == "focal" and ckpt.spec.focal.gamma == 2.0
 
     rc, out, err = fmnist("evaluate", "linear", *sets)
     assert rc == 0, err

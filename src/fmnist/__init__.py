@@ -1,6 +1,6 @@
 """fmnist: a reproducible Fashion-MNIST training pipeline."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 class FmnistError(Exception):
@@ -8,3 +8,9 @@ class FmnistError(Exception):
     prints it without a traceback."""
 
     exit_code = 1
+
+
+class ConfigError(FmnistError, ValueError):
+    """A params value is wrong. The message names the key and what is allowed."""
+
+    exit_code = 2

@@ -1,77 +1,79 @@
 """Model checkpoints: everything needed to rebuild and use a model from the file alone.
 
-Loading always uses ``torch.load(..., weights_only=True)``: a checkpoint is
-plain tensors, numbers and strings, and a file that tries to unpickle anything
-else (code, say) is refused before it runs.
+A checkpoint holds the weights, the run spec the model was trained with (so evaluate and
+predict use the settings it was made with), the normalisation it expects and whether it
+ran in bf16. It holds tensors and plain values only and is always read with
+``weights_only=True`` (fmnist.files.torch_load): a file that would unpickle code is refused.
 """
 
 from __future__ import annotations
 
-import pickle
-import re
-import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from fmnist import FmnistError
-from fmnist.atomic import torch_save
 from fmnist.data import CLASSES
 from fmnist.data.loader import Stats
+from fmnist.files import torch_load, torch_save
+from fmnist.runspec import RunSpec
 
-FORMAT = 1
+FORMAT = 2
+RETRAIN = "re-run `dvc repro` (or `fmnist train MODEL`) to rebuild it"
 
 
 class CheckpointError(FmnistError):
     """Not a usable fmnist checkpoint. The message names the file."""
 
 
-def save(path: str | Path, model: nn.Module, *, name: str, arch: str, hparams: dict[str, Any], stats: Stats,
-         params: dict[str, Any], params_hash: str, run_id: str | None, bf16: bool) -> None:
+@dataclass(frozen=True)
+class Checkpoint:
+    spec: RunSpec
+    stats: Stats  # the normalisation the model expects
+    bf16: bool  # trained (and so evaluated) under bf16 autocast
+    classes: tuple[str, ...]
+    run_id: str | None  # the MLflow run that trained it
+
+
+def save(path: str | Path, model: nn.Module, spec: RunSpec, stats: Stats, *, bf16: bool, run_id: str | None) -> None:
     torch_save(path, {
-        "format": FORMAT, "model": name, "arch": arch, "hparams": dict(hparams),
+        "format": FORMAT, "spec": spec.to_dict(),
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-        "classes": list(CLASSES), "stats": {"mean": stats.mean, "std": stats.std},
-        "params": params, "params_hash": params_hash, "mlflow_run_id": run_id, "bf16": bf16,
+        "classes": list(CLASSES), "stats": {"mean": stats.mean, "std": stats.std}, "bf16": bf16,
+        "mlflow_run_id": run_id,
     })
 
 
-def load_file(path: str | Path) -> dict[str, Any]:
-    """Read any torch file of ours safely (checkpoints and resume states)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file; train it with `dvc repro` or `fmnist train MODEL`")
+def load_file(path: str | Path) -> Any:
+    """Any torch file of ours (checkpoints and resume states), read safely."""
+    return torch_load(path, CheckpointError, RETRAIN)
+
+
+def read(path: str | Path) -> tuple[Checkpoint, dict[str, Any]]:
+    """The checkpoint's metadata and its weights, unbuilt."""
+    raw = load_file(path)
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT or "state_dict" not in raw:
+        raise CheckpointError(f"{path}: not an fmnist checkpoint of format {FORMAT}; {RETRAIN}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
-        text = " ".join(str(e).split())
-        if "Weights only load failed" in text:  # torch's own text advises weights_only=False: name the culprit
-            unsafe = re.search(r"GLOBAL (\S+)", text)
-            what = f"it would call {unsafe.group(1)}" if unsafe else "it holds objects other than tensors"
-            raise CheckpointError(f"{path}: refused: {what}, which could run code when loaded. fmnist "
-                                  "checkpoints hold only tensors and plain values; use files whose origin you "
-                                  "trust.") from None
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {text[:200]}); "
-                              "it may be truncated: re-run `dvc repro` to rebuild it") from None
+        ck = Checkpoint(spec=RunSpec.from_dict(raw["spec"]),
+                        stats=Stats(float(raw["stats"]["mean"]), float(raw["stats"]["std"])),
+                        bf16=bool(raw["bf16"]), classes=tuple(raw["classes"]), run_id=raw.get("mlflow_run_id"))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: its metadata is incomplete ({type(e).__name__}: {e}); {RETRAIN}") from e
+    return ck, raw["state_dict"]
 
 
-def load(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+def load(path: str | Path) -> tuple[nn.Module, Checkpoint]:
     """The model (in eval mode, on the CPU) and the checkpoint's metadata."""
-    from fmnist import models
+    from fmnist.core import models
 
-    ckpt = load_file(path)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "state_dict" not in ckpt:
-        raise CheckpointError(f"{path}: not an fmnist checkpoint (format {FORMAT})")
+    ck, state_dict = read(path)
     try:
-        model = models.build(ckpt["arch"], ckpt["hparams"])
-        model.load_state_dict(ckpt["state_dict"])
+        model = models.build(ck.spec.arch, ck.spec.hparams)
+        model.load_state_dict(state_dict)
     except Exception as e:
-        raise CheckpointError(f"{path}: does not match architecture {ckpt.get('arch')!r}: {e}") from None
+        raise CheckpointError(f"{path}: does not match architecture {ck.spec.arch!r}: {e}") from e
     model.eval()
-    return model, ckpt
-
-
-def stats_of(ckpt: dict[str, Any]) -> Stats:
-    return Stats(float(ckpt["stats"]["mean"]), float(ckpt["stats"]["std"]))
+    return model, ck

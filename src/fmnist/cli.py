@@ -14,58 +14,64 @@ import sys
 from fmnist import FmnistError, __version__
 
 
-def _config(args: argparse.Namespace):
-    from fmnist import config
+def _specs(args: argparse.Namespace):
+    """Every model's run spec from --params and --set: the whole file is checked before any work."""
+    from fmnist import runspec
 
-    return config.load(args.params, getattr(args, "set", None) or ())
+    return runspec.load(args.params, getattr(args, "set", None) or ())
 
 
 def _download(args: argparse.Namespace) -> None:
-    from fmnist.stages import download
+    from fmnist.commands import download
 
     for path in download.run(args.source, progress=not args.no_progress):
         print(path)
 
 
 def _preprocess(args: argparse.Namespace) -> None:
-    from fmnist.stages import preprocess
+    from fmnist import config, runspec
+    from fmnist.commands import preprocess
 
-    summary = preprocess.run(_config(args))
+    params = config.load(args.params)
+    runspec.resolve(params)  # every model checked too, so a bad params.yaml stops the first stage
+    summary = preprocess.run(params)
     print(", ".join(f"{name}: {s['count']:,}" for name, s in summary.items()))
 
 
 def _train(args: argparse.Namespace) -> None:
     import json
 
-    from fmnist.stages import train
+    from fmnist import runspec
+    from fmnist.commands import train
 
-    cfg = _config(args)
-    print(json.dumps(train.run(cfg, args.model, resume=args.resume, progress=not args.no_progress), indent=2))
+    spec = runspec.pick(_specs(args), args.model)
+    metrics = train.run(spec, resume=train.resume_requested(args.resume), progress=not args.no_progress)
+    print(json.dumps(metrics, indent=2))
 
 
 def _evaluate(args: argparse.Namespace) -> None:
     import json
 
-    from fmnist.stages import evaluate
+    from fmnist import runspec
+    from fmnist.commands import evaluate
 
-    cfg = _config(args)
-    print(json.dumps(evaluate.run(cfg, args.model), indent=2))
+    print(json.dumps(evaluate.run(runspec.pick(_specs(args), args.model)), indent=2))
 
 
 def _report(args: argparse.Namespace) -> None:
-    from fmnist.stages import report
+    from fmnist.commands import report
 
-    print(report.run(_config(args)))
+    print(report.run(_specs(args)))
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from fmnist import predict
+    from fmnist.commands import predict
 
     predict.main(args.checkpoint, args.images, as_json=args.json)
 
 
 def _compare(args: argparse.Namespace) -> None:
-    from fmnist import compare
+    from fmnist.commands import compare
 
     compare.main(experiment=args.experiment, tags=args.tag or (), out=args.out, params=args.params)
 
@@ -96,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override a param, as `dvc exp run -S` (repeatable), e.g. --set train.lr=0.01")
         if name == "train":
-            s.add_argument("--resume", action="store_true", help="continue from models/MODEL.resume.pt")
+            s.add_argument("--resume", action="store_true",
+                           help="continue from models/MODEL.resume.pt (under dvc repro: FMNIST_RESUME=1)")
             s.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     add("report", _report, "write reports/report.md and reports/figures/ from every model's results")

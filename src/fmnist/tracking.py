@@ -45,6 +45,11 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
 
 
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` store; None for any other store."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
 def experiment_name() -> str:
     return os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT
 
@@ -64,11 +69,11 @@ def _retry(fn: Callable[[], T], tries: int = 20) -> T:
 @contextlib.contextmanager
 def _store_lock(uri: str) -> Iterator[None]:
     """Serialise creation of a SQLite store: several processes creating the schema
-    at once race (see DESIGN.md's pitfalls)."""
-    if not uri.startswith("sqlite:///"):
+    at once race, or fail with "database is locked"."""
+    db = _sqlite_file(uri)
+    if db is None:
         yield
         return
-    db = Path(uri[len("sqlite:///"):])
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(db.with_name(db.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -119,12 +124,11 @@ def client():
             c = MlflowClient(tracking_uri=uri)  # creates a new SQLite store's tables: under the lock
             exp = _retry(lambda: c.get_experiment_by_name(experiment_name()))
             if exp is None:
-                artifacts = None
-                if uri.startswith("sqlite:///"):
-                    artifacts = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+                db = _sqlite_file(uri)
+                artifacts = (db.parent / "mlartifacts").as_uri() if db is not None else None
                 _retry(lambda: c.create_experiment(experiment_name(), artifact_location=artifacts))
     except Exception as e:
-        raise TrackingError(f"MLflow tracking store {uri} cannot be used ({_cause(e)}); {FIX_STORE}") from None
+        raise TrackingError(f"MLflow tracking store {uri} cannot be used ({_cause(e)}); {FIX_STORE}") from e
     return c
 
 
@@ -199,10 +203,6 @@ class Run:
 
     def log_figure(self, fig: Any, name: str) -> None:
         _retry(lambda: self.client.log_figure(self.run_id, fig, name))
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        for k, v in tags.items():
-            _retry(lambda k=k, v=v: self.client.set_tag(self.run_id, k, v))
 
 
 @contextlib.contextmanager
@@ -282,6 +282,6 @@ def finished_runs(experiment: str | None = None, tags: dict[str, str] | None = N
     except TrackingError:
         raise
     except Exception as e:
-        raise TrackingError(f"MLflow tracking store {uri} cannot be read ({_cause(e)}); {FIX_STORE}") from None
+        raise TrackingError(f"MLflow tracking store {uri} cannot be read ({_cause(e)}); {FIX_STORE}") from e
     return [{"run_id": r.info.run_id, "start_time": r.info.start_time, "tags": dict(r.data.tags),
              "metrics": dict(r.data.metrics)} for r in runs]

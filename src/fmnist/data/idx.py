@@ -8,12 +8,10 @@ from pathlib import Path
 
 import torch
 
-from fmnist.data import DataError
+from fmnist.data import IMAGE_SIZE, NUM_CLASSES, DataError
 
-UBYTE = 0x08
 IMAGE_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
 LABEL_MAGIC = 0x00000801  # unsigned byte, 1 dimension
-NUM_CLASSES = 10
 
 
 def check_header(path: Path, magic: int) -> tuple[int, ...]:
@@ -30,8 +28,8 @@ def check_header(path: Path, magic: int) -> tuple[int, ...]:
         kind = "image" if ndim == 3 else "label"
         raise DataError(f"{path}: wrong magic number 0x{got:08x}, expected 0x{magic:08x} for an IDX {kind} file")
     shape = struct.unpack(f">{ndim}I", head[4:])
-    if ndim == 3 and shape[1:] != (28, 28):
-        raise DataError(f"{path}: images are {shape[1]}x{shape[2]}, expected 28x28")
+    if ndim == 3 and shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+        raise DataError(f"{path}: images are {shape[1]}x{shape[2]}, expected {IMAGE_SIZE}x{IMAGE_SIZE}")
     expected = header_len + int(torch.tensor(shape, dtype=torch.int64).prod())
     if size != expected:
         what = "truncated" if size < expected else "has trailing bytes"

@@ -8,7 +8,6 @@ batches: no per-sample Python, no PIL, no worker processes.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -16,9 +15,10 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from fmnist.data import PROCESSED_DIR, DataError
+from fmnist.data import IMAGE_SIZE, NUM_CLASSES, PROCESSED_DIR, DataError
+from fmnist.files import torch_load
 
-NUM_CLASSES = 10
+REBUILD = "run `dvc repro` (or `fmnist preprocess`) to rebuild it"
 
 
 @dataclass(frozen=True)
@@ -56,24 +56,25 @@ def stratified_indices(labels: torch.Tensor, n: int, generator: torch.Generator)
     return torch.cat(chosen).sort().values
 
 
+def pixel_stats(images: torch.Tensor) -> Stats:
+    """Mean and standard deviation of the pixels of uint8 ``images``, scaled to [0, 1]."""
+    pixels = images.double().div_(255)
+    return Stats(round(pixels.mean().item(), 6), round(pixels.std().item(), 6))
+
+
 def load_split(name: str, root: str | Path = PROCESSED_DIR) -> Split:
     path = Path(root) / f"{name}.pt"
-    if not path.is_file():
-        raise DataError(f"{path}: missing; run `dvc repro` (or `fmnist preprocess`) to create it")
+    d = torch_load(path, DataError, REBUILD)
     try:
-        d = torch.load(path, weights_only=True)
         split = Split(d["images"], d["labels"], d["index"])
-    except Exception as e:  # truncated zip, wrong keys, not a torch file, pickled code (refused, not run)
-        unsafe = re.search(r"GLOBAL (\S+)", str(e))
-        why = (f"it would call {unsafe.group(1)}; refused" if unsafe
-               else f"{type(e).__name__}: {' '.join(str(e).split())[:200]}")
-        raise DataError(f"{path}: unreadable ({why}); run `dvc repro` to rebuild it") from None
+    except (KeyError, TypeError) as e:
+        raise DataError(f"{path}: not a processed split (no {e}); {REBUILD}") from e
     if not all(isinstance(t, torch.Tensor) for t in (split.images, split.labels, split.index)):
-        raise DataError(f"{path}: does not hold tensors; run `dvc repro` to rebuild it")
+        raise DataError(f"{path}: does not hold tensors; {REBUILD}")
     n = len(split.labels)
-    if (split.images.dtype != torch.uint8 or split.images.shape[1:] != (28, 28) or len(split.images) != n
-            or split.labels.dtype != torch.int64 or len(split.index) != n):
-        raise DataError(f"{path}: unexpected tensor shapes or types; run `dvc repro` to rebuild it")
+    if (split.images.dtype != torch.uint8 or split.images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE)
+            or len(split.images) != n or split.labels.dtype != torch.int64 or len(split.index) != n):
+        raise DataError(f"{path}: unexpected tensor shapes or types; {REBUILD}")
     return split
 
 
@@ -82,10 +83,10 @@ def load_stats(root: str | Path = PROCESSED_DIR) -> Stats:
     try:
         d = json.loads(path.read_text())
         return Stats(float(d["mean"]), float(d["std"]))
-    except FileNotFoundError:
-        raise DataError(f"{path}: missing; run `dvc repro` (or `fmnist preprocess`) to create it") from None
+    except FileNotFoundError as e:
+        raise DataError(f"{path}: missing; {REBUILD}") from e
     except (ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{path}: unreadable ({e}); run `dvc repro` to rebuild it") from None
+        raise DataError(f"{path}: unreadable ({e}); {REBUILD}") from e
 
 
 # --------------------------------------------------------------------------- batch transforms
@@ -146,18 +147,16 @@ class BatchLoader:
 
     def __init__(self, split: Split, batch_size: int, stats: Stats, *, shuffle: bool = False,
                  generator: torch.Generator | None = None, flip: bool = False, shift: int = 0,
-                 erase: float = 0.0, device: torch.device | str = "cpu", drop_last: bool = False,
-                 channels_last: bool = False):
+                 erase: float = 0.0, device: torch.device | str = "cpu", channels_last: bool = False):
         if (shuffle or flip or shift or erase) and generator is None:
             raise ValueError("shuffling or augmenting needs a generator")
         self.split, self.batch_size, self.stats = split, batch_size, stats
         self.shuffle, self.generator = shuffle, generator
         self.flip, self.shift, self.erase = flip, shift, erase
-        self.device, self.drop_last, self.channels_last = torch.device(device), drop_last, channels_last
+        self.device, self.channels_last = torch.device(device), channels_last
 
     def __len__(self) -> int:
-        n = len(self.split)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return -(-len(self.split) // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # Images are converted, augmented and normalised a chunk of batches at a time, and each
@@ -166,9 +165,8 @@ class BatchLoader:
         n, bs = len(self.split), self.batch_size
         order = torch.randperm(n, generator=self.generator) if self.shuffle else None
         per_chunk = max(1, self.CHUNK // bs) * bs
-        end = len(self) * bs if self.drop_last else n
-        for c0 in range(0, end, per_chunk):
-            sl = slice(c0, min(c0 + per_chunk, end))
+        for c0 in range(0, n, per_chunk):
+            sl = slice(c0, min(c0 + per_chunk, n))
             idx = order[sl] if order is not None else sl
             x = to_float(self.split.images[idx], self.device)
             y = self.split.labels[idx].to(self.device, non_blocking=True)

@@ -77,7 +77,7 @@ class Source:
         return f"{self.kind} source {self.location}"
 
 
-def sources(given: str | None = None) -> list[Source]:
+def candidates(given: str | None = None) -> list[Source]:
     """The sources to try, in order. A source the user names is the only one tried:
     if it is wrong, the user must hear so rather than silently get other bytes."""
     given = given or os.environ.get("FMNIST_SOURCE") or None
@@ -118,7 +118,7 @@ def verify(blob: bytes, f: RawFile, where: str) -> bytes:
                 data = gz.read(f.size + 1)
         except (OSError, EOFError, zlib.error) as e:
             raise DataError(f"{f.name} (from {where}): corrupt gzip data ({e}); "
-                            "the file is truncated or damaged, fetch it again") from None
+                            "the file is truncated or damaged, fetch it again") from e
     else:
         data = blob
     if len(data) != f.size:
@@ -153,7 +153,7 @@ def _download(url: str, timeout: float, retries: int, progress: bool) -> bytes:
                 return bytes(buf)
         except urllib.error.HTTPError as e:
             if e.code == 404:
-                raise FileNotFoundError(f"{url}: 404 Not Found") from None
+                raise FileNotFoundError(f"{url}: 404 Not Found") from e
             last = e
         except OSError as e:  # URLError, timeouts, refused connections
             last = e

@@ -1,8 +1,8 @@
 """report: reports/report.md and reports/figures/*.png, from every model's train and eval outputs.
 
-Reads, for each model of params.yaml's ``models:``: reports/train/M/{metrics.json,history.csv},
-reports/eval/M/{metrics.json,predictions.csv,per_class.json} and models/M.pt (the loss it was
-trained with, and the first conv layer's kernels). The output depends on those files only: no
+Reads, for each model of params.yaml's ``models:`` (the paths of its run spec):
+reports/train/M/{metrics.json,history.csv}, reports/eval/M/{metrics.json,predictions.csv,per_class.json}
+and, for the best convolutional model, models/M.pt (its first conv layer's kernels). The output depends on those files only: no
 timestamps, so re-running on the same inputs writes identical files.
 """
 
@@ -16,11 +16,12 @@ from typing import Any
 
 import torch
 
-from fmnist import FmnistError, checkpoint, models, plots
-from fmnist.atomic import save_figure, write_text
-from fmnist.config import Config
-from fmnist.data import CLASSES, PROCESSED_DIR
+from fmnist import FmnistError, checkpoint, plots
+from fmnist.core import metrics, models
+from fmnist.data import CLASSES
 from fmnist.data.loader import load_split
+from fmnist.files import save_figure, write_text
+from fmnist.runspec import RunSpec
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def _json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(_need(path).read_text())
     except ValueError as e:
-        raise ReportError(f"{path}: not valid JSON ({e}); run `dvc repro` to rebuild it") from None
+        raise ReportError(f"{path}: not valid JSON ({e}); run `dvc repro` to rebuild it") from e
 
 
 def _csv(path: Path) -> list[dict[str, str]]:
@@ -71,40 +72,33 @@ def _csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def _model_row(cfg: Config, name: str) -> dict[str, Any]:
+def _model_row(spec: RunSpec) -> dict[str, Any]:
     """One model's numbers; every file it needs must exist."""
-    train_dir, eval_dir = Path("reports/train") / name, Path("reports/eval") / name
-    paths = {"train": train_dir / "metrics.json", "history": train_dir / "history.csv",
-             "eval": eval_dir / "metrics.json", "predictions": eval_dir / "predictions.csv",
-             "per_class": eval_dir / "per_class.json", "model": Path("models") / f"{name}.pt"}
-    for p in paths.values():
-        _need(p)
-    tm, em = _json(paths["train"]), _json(paths["eval"])
-    ckpt = checkpoint.load_file(paths["model"])
-    loss = (ckpt.get("params") or {}).get("loss", cfg.loss)
-    mc = cfg.model(name)
-    arch = mc.arch
+    p = spec.paths
+    for path in (p.train_metrics, p.history, p.eval_metrics, p.predictions, p.per_class, p.model):
+        _need(path)
+    tm, em = _json(p.train_metrics), _json(p.eval_metrics)
     try:
-        history = {k: [float(r[k]) for r in _csv(paths["history"])] for k in ("epoch", "train_loss", "val_loss")}
-        row = {"model": name, "arch": arch, "loss": loss, "n_parameters": int(tm["n_parameters"]),
+        history = {k: [float(r[k]) for r in _csv(p.history)] for k in ("epoch", "train_loss", "val_loss")}
+        row = {"model": spec.model, "arch": spec.arch, "loss": spec.loss, "n_parameters": int(tm["n_parameters"]),
                "epochs": int(tm["epochs"]), "train_time_s": float(tm["train_time_s"]),
                "images_per_s": float(tm["images_per_s"]), "test_accuracy": float(em["test_accuracy"]),
                "test_loss": float(em["test_loss"])}
     except (KeyError, ValueError, TypeError) as e:
-        raise ReportError(f"{train_dir} or {eval_dir}: a metrics or history file lacks {e}; "
-                          "run `dvc repro` to rebuild them") from None
-    row.update(published=published(arch, loss), hparams=mc.hparams, history=history, paths=paths)
+        raise ReportError(f"{p.train_metrics.parent} or {p.eval_metrics.parent}: a metrics or history file lacks "
+                          f"{e}; run `dvc repro` to rebuild them") from e
+    row.update(published=published(spec.arch, spec.loss), spec=spec, history=history)
     return row
 
 
 # --------------------------------------------------------------------------- the stage
 
-def run(cfg: Config, processed: str | Path = PROCESSED_DIR) -> Path:
-    rows = [_model_row(cfg, name) for name in cfg.models]
+def run(specs: dict[str, RunSpec]) -> Path:
+    rows = [_model_row(spec) for spec in specs.values()]
     best = min(rows, key=_rank)
     for r in rows:
         r["best"] = r is best
-    test = load_split("test", processed)
+    test = load_split("test", best["spec"].paths.processed)
 
     figures: dict[str, tuple[str, str]] = {}  # file name -> (heading, caption)
 
@@ -124,7 +118,7 @@ def run(cfg: Config, processed: str | Path = PROCESSED_DIR) -> Path:
     save(plots.loss_curves({r["model"]: r["history"] for r in rows}, loss_label),
          "loss_curves.png", "Loss curves", "Training and validation loss after each epoch, one panel per model.")
 
-    preds = _csv(best["paths"]["predictions"])
+    preds = _csv(best["spec"].paths.predictions)
     save(plots.confusion(_confusion(preds), CLASSES,
                          f"{best['model']}: confusion matrix on the test set "
                          f"(accuracy {100 * best['test_accuracy']:.2f}%)"),
@@ -147,7 +141,7 @@ def run(cfg: Config, processed: str | Path = PROCESSED_DIR) -> Path:
     for stale in set(FIGURE_NAMES) - set(figures):
         (FIGURES / stale).unlink(missing_ok=True)
 
-    per_class = _json(best["paths"]["per_class"])
+    per_class = _json(best["spec"].paths.per_class)
     write_text(REPORT, _markdown(rows, best, cnn, figures, per_class))
     log.info("wrote %s and %d figures in %s", REPORT, len(figures), FIGURES)
     return REPORT
@@ -156,23 +150,21 @@ def run(cfg: Config, processed: str | Path = PROCESSED_DIR) -> Path:
 # --------------------------------------------------------------------------- figures from the inputs
 
 def _confusion(preds: list[dict[str, str]]) -> list[list[int]]:
-    from fmnist.stages.evaluate import confusion_matrix
-
     idx = {c: i for i, c in enumerate(CLASSES)}
     try:
         actual = torch.tensor([idx[r["actual"]] for r in preds])
         predicted = torch.tensor([idx[r["predicted"]] for r in preds])
     except KeyError as e:
-        raise ReportError(f"predictions.csv: unknown class or column {e}; run `dvc repro` to rebuild it") from None
-    return confusion_matrix(predicted, actual).tolist()
+        raise ReportError(f"predictions.csv: unknown class or column {e}; run `dvc repro` to rebuild it") from e
+    return metrics.confusion_matrix(predicted, actual).tolist()
 
 
 def _image(test, pos: dict[int, int], index: str):
     try:
         return test.images[pos[int(index)]].numpy()
-    except (KeyError, ValueError):
+    except (KeyError, ValueError) as e:
         raise ReportError(f"predictions.csv: index {index} is not in the test split; "
-                          "run `dvc repro` to rebuild it") from None
+                          "run `dvc repro` to rebuild it") from e
 
 
 def _correct_grid(preds, test, pos, model: str):
@@ -203,7 +195,7 @@ def _misclassified_grid(preds, test, pos, model: str):
 def _best_cnn(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The most accurate model whose architecture has a conv layer (built, not trained, to check)."""
     for r in sorted(rows, key=_rank):
-        if models.first_conv(models.build(r["arch"], r["hparams"])) is not None:
+        if models.first_conv(models.build(r["arch"], r["spec"].hparams)) is not None:
             return r
     return None
 
@@ -212,10 +204,10 @@ def _best_cnn(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
 def _kernels_figure(row: dict[str, Any], test):
     from fmnist.data.loader import normalize, to_float
 
-    model, ckpt = checkpoint.load(row["paths"]["model"])
+    model, ck = checkpoint.load(row["spec"].paths.model)
     conv = models.first_conv(model)
     image = test.images[:1]
-    x = normalize(to_float(image), checkpoint.stats_of(ckpt))
+    x = normalize(to_float(image), ck.stats)
     maps = conv(x)[0]
     kernels = conv.weight.sum(dim=1)  # over input channels (one for grayscale input)
     caption = f"test image {int(test.index[0])} ({CLASSES[int(test.labels[0])]})"

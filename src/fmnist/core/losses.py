@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from fmnist.config import Config, FocalConfig
+from fmnist.config import FocalConfig
 
 LossFn = Callable[..., torch.Tensor]
 
@@ -58,15 +58,17 @@ def focal_loss(scores: torch.Tensor, target: torch.Tensor, gamma: float = 2.0,
     return loss
 
 
-def make_loss(name: str, focal: FocalConfig, label_smoothing: float = 0.0) -> LossFn:
-    """The training objective named by params.yaml's ``loss``."""
+def make_loss(name: str, focal: FocalConfig | None = None, label_smoothing: float = 0.0) -> LossFn:
+    """The training objective named by params.yaml's ``loss`` (``focal`` holds its gamma and alpha)."""
     if name == "ce":
-        return lambda s, t, reduction="mean": cross_entropy(s, t, label_smoothing, reduction)
+        def ce(scores: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+            return cross_entropy(scores, target, label_smoothing, reduction)
+        return ce
     if name == "focal":
+        focal = focal or FocalConfig()
         alpha = torch.tensor(focal.alpha) if isinstance(focal.alpha, tuple) else focal.alpha
-        return lambda s, t, reduction="mean": focal_loss(s, t, focal.gamma, alpha, reduction, label_smoothing)
+
+        def fl(scores: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+            return focal_loss(scores, target, focal.gamma, alpha, reduction, label_smoothing)
+        return fl
     raise ValueError(f"unknown loss {name!r}")
-
-
-def from_config(cfg: Config, label_smoothing: float = 0.0) -> LossFn:
-    return make_loss(cfg.loss, cfg.focal, label_smoothing)

@@ -16,10 +16,10 @@ from typing import Any, Callable
 
 from torch import nn
 
-from fmnist.config import ConfigError
+from fmnist import ConfigError
+from fmnist.data import IMAGE_SIZE, NUM_CLASSES
 
-IMAGE_PIXELS = 28 * 28
-NUM_CLASSES = 10
+IMAGE_PIXELS = IMAGE_SIZE * IMAGE_SIZE
 
 REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -47,18 +47,21 @@ def check_hparams(arch: str, hparams: dict[str, Any], prefix: str) -> None:
         _check_like(value, default, f"{prefix}.{key}")
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _check_like(value: Any, default: Any, key: str) -> None:
-    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
     low = 0 if default == 0 else 1  # a size whose default is 0 (off) may stay off
     if isinstance(default, bool):
         ok, expect = isinstance(value, bool), "true or false"
     elif isinstance(default, int):
-        ok, expect = is_int(value) and value >= low, f"an integer >= {low}"
+        ok, expect = _is_int(value) and value >= low, f"an integer >= {low}"
     elif isinstance(default, float):  # dropout probabilities
         ok, expect = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1, \
             "a number in [0, 1)"
     elif isinstance(default, (list, tuple)):
-        ok = isinstance(value, (list, tuple)) and len(value) > 0 and all(is_int(v) and v >= 1 for v in value)
+        ok = isinstance(value, (list, tuple)) and len(value) > 0 and all(_is_int(v) and v >= 1 for v in value)
         expect = "a non-empty list of integers >= 1"
     else:
         ok, expect = True, ""

@@ -1,27 +1,21 @@
-"""`fmnist predict CHECKPOINT IMAGE...`: the class of each image and its top-3 probabilities.
+"""Image files -> what a model saw in training: 28x28, grayscale, a light item on a dark background.
 
-An image is turned into what the model saw in training: 28x28, grayscale, a light
-item on a dark background. A 28x28 grayscale image like the dataset's is used as
-it is; any other is converted (grayscale, inverted when its border is light,
+A 28x28 grayscale image like the dataset's is used as it is; any other is converted (grayscale, inverted when its border is light,
 padded to a square with its background, resized, contrast stretched). Images are
 read with PIL from the header first, so a file that is not an image, is empty, or
-claims more than MAX_PIXELS pixels is refused before anything is decoded, and
-before torch is even imported.
+claims more than MAX_PIXELS pixels is refused before anything is decoded.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from pathlib import Path
-from typing import Any
 
 from fmnist import FmnistError
+from fmnist.data import IMAGE_SIZE as SIZE
 
-SIZE = 28
 MAX_PIXELS = 50_000_000  # about 7000 x 7000; larger images are refused before decoding
-TOP_K = 3
 TRIM = 13  # a pixel this much brighter or darker than the background is part of the item (5%)
 
 
@@ -54,11 +48,11 @@ def load_image(path: str | Path):
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # raised by Image.open
         n = re.search(r"\((\d+) pixels\)", str(e))
         size = f"{int(n.group(1)):,} pixels" if n else "too many pixels"
-        raise ImageError(f"{path}: {size}; images up to {MAX_PIXELS:,} pixels are accepted") from None
-    except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image (PIL cannot read it as PNG, JPEG or any other image format)") from None
+        raise ImageError(f"{path}: {size}; images up to {MAX_PIXELS:,} pixels are accepted") from e
+    except UnidentifiedImageError as e:
+        raise ImageError(f"{path}: not an image (PIL cannot read it as PNG, JPEG or any other image format)") from e
     except Exception as e:  # truncated or corrupt data: PIL raises OSError, SyntaxError, ValueError, ...
-        raise ImageError(f"{path}: unreadable image ({type(e).__name__}: {str(e)[:200]})") from None
+        raise ImageError(f"{path}: unreadable image ({type(e).__name__}: {str(e)[:200]})") from e
     return to_model_input(gray)
 
 
@@ -106,34 +100,9 @@ def to_model_input(gray):
     return ImageOps.autocontrast(small)  # background to black, the brightest pixel to white
 
 
-def predict(checkpoint_path: str | Path, image_paths: list[str | Path]) -> list[dict[str, Any]]:
-    """Per image: the predicted class and the top-3 classes with their probabilities."""
-    images = [load_image(p) for p in image_paths]  # every image checked before the model loads
-
+def to_tensor(images) -> "torch.Tensor":
+    """28x28 mode-"L" PIL images -> (N, 28, 28) uint8, as the data set holds them."""
     import torch
 
-    from fmnist import checkpoint, engine
-    from fmnist.data import CLASSES
-    from fmnist.data.loader import Split
-
-    model, ckpt = checkpoint.load(checkpoint_path)
-    classes = list(ckpt.get("classes") or CLASSES)
-    x = torch.stack([torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(SIZE, SIZE) for im in images])
-    n = len(images)
-    split = Split(x, torch.zeros(n, dtype=torch.long), torch.arange(n))
-    tta = bool(((ckpt.get("params") or {}).get("train") or {}).get("tta_flip", False))
-    probs = engine.predict(model, split, checkpoint.stats_of(ckpt), tta_flip=tta).exp()
-    top_p, top_i = probs.topk(min(TOP_K, probs.shape[1]), dim=1)
-    return [{"image": str(path), "predicted": classes[int(i[0])],
-             "top3": [{"class": classes[int(k)], "probability": round(float(p), 4)} for p, k in zip(ps, i)]}
-            for path, ps, i in zip(image_paths, top_p, top_i)]
-
-
-def main(checkpoint_path: str, image_paths: list[str], as_json: bool = False) -> None:
-    results = predict(checkpoint_path, image_paths)
-    if as_json:
-        print(json.dumps(results, indent=2))
-        return
-    for r in results:
-        top = ", ".join(f"{t['class']} {100 * t['probability']:.1f}%" for t in r["top3"])
-        print(f"{r['image']}: {r['predicted']}  (top 3: {top})")
+    return torch.stack([torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(SIZE, SIZE)
+                        for im in images])

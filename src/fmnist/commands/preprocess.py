@@ -6,14 +6,14 @@ from pathlib import Path
 
 import torch
 
-from fmnist.atomic import torch_save, write_json
-from fmnist.config import Config
-from fmnist.data import CLASSES, PROCESSED_DIR, RAW_DIR, DataError
+from fmnist.config import Params
+from fmnist.data import CLASSES, NUM_CLASSES, PROCESSED_DIR, RAW_DIR, DataError
 from fmnist.data.idx import IMAGE_MAGIC, LABEL_MAGIC, check_header, read_pair
-from fmnist.data.loader import Split, stratified_indices
+from fmnist.data.loader import Split, pixel_stats, stratified_indices
+from fmnist.files import torch_save, write_json
 
 
-def run(cfg: Config, raw: str | Path = RAW_DIR, out: str | Path = PROCESSED_DIR) -> dict:
+def run(params: Params, raw: str | Path = RAW_DIR, out: str | Path = PROCESSED_DIR) -> dict:
     raw, out = Path(raw), Path(out)
     pairs = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
@@ -22,11 +22,11 @@ def run(cfg: Config, raw: str | Path = RAW_DIR, out: str | Path = PROCESSED_DIR)
         n_lab = check_header(raw / labels, LABEL_MAGIC)[0] if (raw / labels).is_file() else None
         if n_img is not None and n_lab is not None and n_img != n_lab:
             raise DataError(f"{raw / images} declares {n_img:,} images but {raw / labels} declares {n_lab:,} labels")
-    full = {name: read_pair(raw / i, raw / l) for name, (i, l) in pairs.items()}
+    full = {name: read_pair(raw / images, raw / labels) for name, (images, labels) in pairs.items()}
 
     images, labels = full["train"]
-    g = torch.Generator().manual_seed(cfg.seed)
-    n_val = round(len(labels) * cfg.data.val_fraction)
+    g = torch.Generator().manual_seed(params.seed)
+    n_val = round(len(labels) * params.data.val_fraction)
     val_idx = stratified_indices(labels, n_val, g)
     is_val = torch.zeros(len(labels), dtype=torch.bool)
     is_val[val_idx] = True
@@ -39,15 +39,14 @@ def run(cfg: Config, raw: str | Path = RAW_DIR, out: str | Path = PROCESSED_DIR)
     }
 
     # Normalisation statistics from the training split only: nothing leaks from val or test.
-    pixels = splits["train"].images.double().div_(255)
-    stats = {"mean": round(pixels.mean().item(), 6), "std": round(pixels.std().item(), 6)}
-    del pixels
-    summary = {name: {"count": len(s), "per_class": dict(zip(CLASSES, torch.bincount(s.labels, minlength=10).tolist()))}
+    stats = pixel_stats(splits["train"].images)
+    summary = {name: {"count": len(s),
+                      "per_class": dict(zip(CLASSES, torch.bincount(s.labels, minlength=NUM_CLASSES).tolist()))}
                for name, s in splits.items()}
 
     for name, s in splits.items():
         torch_save(out / f"{name}.pt", {"images": s.images.contiguous(), "labels": s.labels.contiguous(),
                                         "index": s.index.contiguous()})
-    write_json(out / "stats.json", stats)
+    write_json(out / "stats.json", {"mean": stats.mean, "std": stats.std})
     write_json(out / "summary.json", summary)
     return summary

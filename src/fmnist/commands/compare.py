@@ -99,7 +99,7 @@ def _best(row: list[float | None], higher: bool) -> int | None:
 def main(experiment: str | None = None, tags: list[str] | tuple[str, ...] = (), out: str | Path = "reports",
          params: str | Path = "params.yaml") -> tuple[Path, Path]:
     from fmnist import plots, tracking
-    from fmnist.atomic import save_figure, write_text
+    from fmnist.files import save_figure, write_text
 
     tag_filter = parse_tags(tags)
     name = experiment or tracking.experiment_name()

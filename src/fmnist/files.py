@@ -1,8 +1,10 @@
-"""The one way a stage writes a file: to a temp file beside it, then rename.
+"""Files in and out: every write goes to a temp file beside its target, then is renamed;
+every torch file is read with ``weights_only=True``.
 
 An interrupted stage (Ctrl-C, SIGKILL, a full disk) never leaves a half-written
 file that DVC or a user would trust: the old file stays, or the new one is
-complete.
+complete. A torch file that would unpickle anything but tensors and plain values
+(code, say) is refused before it runs, with a message naming what it would call.
 """
 
 from __future__ import annotations
@@ -12,9 +14,12 @@ import csv
 import glob
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator
+
+from fmnist import FmnistError
 
 
 @contextlib.contextmanager
@@ -82,3 +87,23 @@ def save_figure(path: str | Path, fig: Any, **kwargs: Any) -> None:
     """Save a matplotlib figure atomically as PNG."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", **kwargs)
+
+
+def torch_load(path: str | Path, error: type[FmnistError], fix: str) -> Any:
+    """Read a torch file of ours safely. Any failure raises ``error`` naming the file: a refused
+    object by its name, anything else (truncated, not a torch file) with ``fix``, what to do."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: missing; {fix}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, not a torch file, pickled code (refused, never run)
+        text = " ".join(str(e).split())
+        if "Weights only load failed" in text:  # torch's own text advises weights_only=False: name the culprit
+            unsafe = re.search(r"GLOBAL (\S+)", text)
+            what = f"it would call {unsafe.group(1)}" if unsafe else "it holds objects other than tensors"
+            raise error(f"{path}: refused: {what}, which could run code when loaded; our files hold only "
+                        "tensors and plain values: use files whose origin you trust") from e
+        raise error(f"{path}: unreadable ({type(e).__name__}: {text[:200]}); it may be truncated: {fix}") from e

@@ -1,0 +1,283 @@
+"""The training core shared by every model: fit, predict, evaluate, early stopping.
+
+No file I/O, no tracking and no printing here: ``fit`` reports each finished epoch
+to a callback, with a way to snapshot the whole training state, and the train
+stage decides what to print, write and log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from fmnist import ConfigError, FmnistError
+from fmnist.config import TrainConfig
+from fmnist.core.losses import LossFn
+from fmnist.core.metrics import score
+from fmnist.core.models import uses_channels_last, worth_bf16
+from fmnist.data import NUM_CLASSES
+from fmnist.data.loader import BatchLoader, Split, Stats
+
+
+class TrainingDiverged(FmnistError, FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
+# --------------------------------------------------------------------------- device and precision
+
+def select_device(name: str = "auto") -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: is cuda but no CUDA device is available; use auto or cpu")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU computes bf16 in hardware (AMX or AVX-512 BF16). Elsewhere
+    bf16 is emulated and slower than fp32, so ``precision: auto`` stays in fp32."""
+    cpu = getattr(torch, "cpu", None)
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        fn = getattr(cpu, probe, None)
+        try:
+            if fn is not None and fn():
+                return True
+        except (RuntimeError, AttributeError):  # a probe some builds lack
+            pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+        return " amx_bf16" in flags or " avx512_bf16" in flags
+    except OSError:
+        return False
+
+
+def use_bf16(precision: str, device: torch.device, model: nn.Module | None = None) -> bool:
+    """``auto`` means bf16 where the hardware has it and, given ``model``, where it pays."""
+    if precision == "fp32":
+        return False
+    supported = (torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16())
+    if precision == "bf16" and not supported:
+        raise ConfigError(f"train.precision: is bf16 but this {device.type.upper()} has no native bf16; "
+                           "use auto or fp32")
+    if precision == "auto" and model is not None and not worth_bf16(model):
+        return False
+    return supported
+
+
+def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed the global RNG (weight init, dropout). Data order and augmentation use
+    their own generator, seeded in ``fit``."""
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- optimisers and schedules
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = model.parameters()
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    """Every schedule steps once per batch, so all of them are smooth and resumable."""
+    total = cfg.epochs * steps_per_epoch
+    if cfg.schedule == "none":
+        return None
+    if cfg.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size * steps_per_epoch, gamma=cfg.step_gamma)
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total,
+                                                   pct_start=0.25, anneal_strategy="linear",
+                                                   cycle_momentum=cfg.optimizer in ("sgd", "rmsprop"))
+    raise ValueError(f"unknown schedule {cfg.schedule!r}")
+
+
+# --------------------------------------------------------------------------- evaluation
+
+VAL_BATCH = 1000  # images per forward pass when scoring; the result does not depend on it
+
+
+@torch.no_grad()
+def predict(model: nn.Module, split: Split, stats: Stats, *, batch_size: int = VAL_BATCH,
+            device: torch.device | str = "cpu", bf16: bool = False, tta_flip: bool = False) -> torch.Tensor:
+    """Log-probabilities (N, 10), float32, in the split's order."""
+    device = torch.device(device)
+    model.eval()
+    out = []
+    for x, _ in BatchLoader(split, batch_size, stats, device=device, channels_last=uses_channels_last(model)):
+        with autocast(device, bf16):
+            logp = torch.log_softmax(model(x).float(), dim=1)
+            if tta_flip:  # average the probabilities of the image and its mirror
+                logp_f = torch.log_softmax(model(x.flip(3)).float(), dim=1)
+                logp = torch.logaddexp(logp, logp_f) - math.log(2)
+        out.append(logp.float().cpu())
+    return torch.cat(out) if out else torch.empty(0, NUM_CLASSES)
+
+
+def evaluate(model: nn.Module, split: Split, stats: Stats, **kwargs: Any) -> dict[str, float]:
+    return score(predict(model, split, stats, **kwargs), split.labels)
+
+
+# --------------------------------------------------------------------------- fit
+
+@dataclass
+class TrainState:
+    """Where a run stands after its last finished epoch (besides weights, optimiser and RNGs)."""
+
+    epoch: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_val_loss: float = math.inf
+    best_epoch: int = 0
+    best_weights: dict[str, torch.Tensor] | None = None  # kept only with early stopping
+    bad_epochs: int = 0  # epochs since the validation loss last improved
+    train_time_s: float = 0.0  # the training loops alone: no validation, no I/O
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]]
+    best_epoch: int  # the epoch whose weights the model holds: the best one with early stopping, else the last
+    train_time_s: float
+    stopped_early: bool
+    bf16: bool
+    images_per_s: float
+
+
+EpochCallback = Callable[[dict[str, float], Callable[[], dict[str, Any]]], None]
+Progress = Callable[[Iterable, int], Iterable]  # (batches, epoch) -> the same batches, shown as they go
+
+
+def fit(model: nn.Module, train: Split, val: Split | None, stats: Stats, cfg: TrainConfig, loss_fn: LossFn, *,
+        seed: int, device: torch.device | None = None, on_epoch: EpochCallback | None = None,
+        resume: dict[str, Any] | None = None, progress: Progress | None = None) -> FitResult:
+    """Train ``model`` in place and return its per-epoch history.
+
+    Each epoch: train on every batch, validate, record, decide whether to stop. ``val`` may be
+    None (the benchmarks train on all 60,000 images): then nothing is validated and early stopping
+    is refused. ``on_epoch(row, snapshot)`` is called after every epoch; ``snapshot()`` returns all
+    that ``resume=`` needs to continue from there to the result an uninterrupted run gives.
+    """
+    if val is None and cfg.patience:
+        raise ConfigError("train.patience: early stopping needs a validation split")
+    device = device or select_device(cfg.device)
+    bf16 = use_bf16(cfg.precision, device, model)
+    channels_last = uses_channels_last(model) and device.type == "cpu"
+    model.to(device, memory_format=torch.channels_last) if channels_last else model.to(device)
+    data_rng = torch.Generator().manual_seed(seed)  # batch order and augmentation; weights use torch's own
+    a = cfg.augment
+    batches = BatchLoader(train, cfg.batch_size, stats, shuffle=True, generator=data_rng, flip=a.flip,
+                          shift=a.shift, erase=a.erase, device=device, channels_last=channels_last)
+    opt = make_optimizer(model, cfg)
+    sched = make_scheduler(opt, cfg, len(batches))
+    state = TrainState() if resume is None else _restore(resume, model, opt, sched, data_rng)
+    elapsed0 = state.history[-1]["elapsed_s"] if state.history else 0.0
+    t_start = time.perf_counter()
+
+    for epoch in range(state.epoch + 1, cfg.epochs + 1):
+        if _early_stop(state, cfg.patience):
+            break
+        lr = opt.param_groups[0]["lr"]
+        t0 = time.perf_counter()
+        loss, acc = train_epoch(model, progress(batches, epoch) if progress else batches, opt, sched, loss_fn,
+                                device, bf16)
+        state.train_time_s += time.perf_counter() - t0
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"training loss became {loss} in epoch {epoch}; lower train.lr or use another "
+                                   "schedule")
+        v = evaluate(model, val, stats, device=device, bf16=bf16) if val is not None else \
+            {"loss": math.nan, "accuracy": math.nan}
+        row = {"epoch": epoch, "train_loss": loss, "train_accuracy": acc, "val_loss": v["loss"],
+               "val_accuracy": v["accuracy"], "lr": lr,
+               "elapsed_s": round(elapsed0 + time.perf_counter() - t_start, 3)}
+        _record(state, row, model, keep_best=cfg.patience > 0)
+        if on_epoch is not None:
+            on_epoch(row, lambda: _snapshot(state, model, opt, sched, data_rng))
+
+    if cfg.patience and state.best_weights is not None:
+        model.load_state_dict(state.best_weights)
+    seen = len(train) * len(state.history)
+    return FitResult(history=state.history, best_epoch=state.best_epoch if cfg.patience else state.epoch,
+                     train_time_s=state.train_time_s,
+                     stopped_early=_early_stop(state, cfg.patience) and state.epoch < cfg.epochs, bf16=bf16,
+                     images_per_s=seen / state.train_time_s if state.train_time_s > 0 else 0.0)
+
+
+def train_epoch(model: nn.Module, batches: Iterable, opt: torch.optim.Optimizer, sched, loss_fn: LossFn,
+                device: torch.device, bf16: bool) -> tuple[float, float]:
+    """One pass over the batches: the mean training loss and accuracy over every image."""
+    model.train()
+    # Kept per batch and reduced once per epoch: one tensor call per step, not five.
+    losses, preds, targets = [], [], []
+    for x, y in batches:
+        with autocast(device, bf16):
+            out = model(x)
+        loss = loss_fn(out, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        losses.append(loss.detach())
+        preds.append(out.detach().argmax(1))
+        targets.append(y)
+    sizes = torch.tensor([len(t) for t in targets], device=device)
+    seen = int(sizes.sum())
+    return (float((torch.stack(losses) * sizes).sum()) / seen,
+            float((torch.cat(preds) == torch.cat(targets)).sum()) / seen)
+
+
+def _early_stop(state: TrainState, patience: int) -> bool:
+    """The one early-stopping rule: ``patience`` epochs in a row without a lower validation loss."""
+    return patience > 0 and state.bad_epochs >= patience
+
+
+def _record(state: TrainState, row: dict[str, float], model: nn.Module, keep_best: bool) -> None:
+    state.epoch = int(row["epoch"])
+    state.history.append(row)
+    if row["val_loss"] < state.best_val_loss:
+        state.best_val_loss, state.best_epoch, state.bad_epochs = row["val_loss"], state.epoch, 0
+        if keep_best:
+            state.best_weights = copy.deepcopy(model.state_dict())
+    else:
+        state.bad_epochs += 1
+
+
+def _snapshot(state: TrainState, model: nn.Module, opt, sched, data_rng: torch.Generator) -> dict[str, Any]:
+    return {"state": dataclasses.asdict(state), "model": copy.deepcopy(model.state_dict()),
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched is not None else None,
+            "data_rng": data_rng.get_state(), "torch_rng": torch.get_rng_state()}
+
+
+def _restore(snapshot: dict[str, Any], model: nn.Module, opt, sched, data_rng: torch.Generator) -> TrainState:
+    model.load_state_dict(snapshot["model"])
+    opt.load_state_dict(snapshot["optimizer"])
+    if sched is not None:
+        sched.load_state_dict(snapshot["scheduler"])
+    data_rng.set_state(snapshot["data_rng"])
+    torch.set_rng_state(snapshot["torch_rng"])
+    state = TrainState(**snapshot["state"])
+    state.history = list(state.history)
+    return state
