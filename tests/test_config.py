@@ -71,7 +71,7 @@ def test_yaml_1_2_numbers_and_focal_alpha_list(tmp_path):
 # --------------------------------------------------------------------------- bad values
 
 BAD = [  # (dotted key, value, key the message must start with, words it must contain)
-    ("lrr", 0.1, "lrr", "unknown key; allowed: data, evaluate, focal, loss, models, seed, train"),
+    ("lrr", 0.1, "lrr", "unknown key; allowed: data, evaluate, focal, loss, models, recipe, seed, train"),
     ("train.tta_flip", True, "train.tta_flip", "unknown key"),  # evaluation settings live under evaluate:
     ("evaluate.tta_flip", "yes", "evaluate.tta_flip", "true or false"),
     ("evaluate.batch_size", 0, "evaluate.batch_size", ">= 1"),
@@ -82,7 +82,7 @@ BAD = [  # (dotted key, value, key the message must start with, words it must co
     ("train.augment.flipp", True, "train.augment.flipp", "allowed: erase, flip, shift"),
     ("data.val_frac", 0.2, "data.val_frac", "allowed: val_fraction"),
     ("focal.beta", 1, "focal.beta", "allowed: alpha, gamma"),
-    ("models.resnet9000", {}, "models.resnet9000", "unknown architecture 'resnet9000'; allowed: linear, mlp"),
+    ("models.resnet9000", {}, "models.resnet9000", "unknown architecture 'resnet9000'; allowed: logistic, linear, mlp"),
     ("models.mlp", 5, "models.mlp", "must be a mapping"),
     ("models.mlp.hiddn", 5, "models.mlp.hiddn", "unknown hyperparameter of mlp; allowed: hidden"),
     ("models.mlp.hidden", 0, "models.mlp.hidden", "integer >= 1"),
@@ -92,6 +92,12 @@ BAD = [  # (dotted key, value, key the message must start with, words it must co
     ("models.fmnet.train.lr", -1, "models.fmnet.train.lr", "> 0"),
     ("models.fmnet.train.augment.shift", 9, "models.fmnet.train.augment.shift", "[0, 8]"),
     ("loss", "foo", "loss", "must be one of ce, focal; got 'foo'"),
+    ("recipe", "nonsense", "recipe", "must be one of project, published; got 'nonsense'"),
+    ("train.input_scaling", "minmax", "train.input_scaling", "must be one of standard, unit"),
+    ("models.linear.published", "sgd", "models.linear.published", "must be a mapping of train keys"),
+    ("models.linear.published.lrr", 0.1, "models.linear.published.lrr", "unknown key"),
+    ("models.linear.published.lr", 0, "models.linear.published.lr", "must be > 0"),
+    ("models.mlp512.published.assumed", ["speed"], "models.mlp512.published.assumed", "'speed' is not a key"),
     ("train.lr", 0, "train.lr", "must be > 0, got 0"),
     ("train.lr", -0.01, "train.lr", "must be > 0"),
     ("train.lr", "fast", "train.lr", "must be a number, got 'fast'"),
@@ -219,6 +225,23 @@ def test_model_train_overrides_merge_over_the_shared_section():
 
 def h(overrides: list[str], name: str = "mlp") -> str:
     return runspec.load(REPO / "params.yaml", overrides)[name].params_hash
+
+
+def test_one_switch_trains_every_model_on_its_published_recipe():
+    project, published = runspec.load(REPO / "params.yaml"), runspec.load(REPO / "params.yaml", ["recipe=published"])
+    for name, spec in published.items():
+        if project[name].published is None:  # no published recipe: the project's, and the report says so
+            assert spec.fallback and spec.recipe == "project" and spec.train == project[name].train
+            continue
+        assert spec.recipe == "published" and not spec.fallback and project[name].recipe == "project"
+        assert {k: getattr(spec.train, k) for k in spec.published} == spec.published  # every key as written
+        assert spec.params_hash != project[name].params_hash
+    course = published["tinyvgg"].train
+    assert (course.optimizer, course.lr, course.momentum, course.weight_decay, course.batch_size, course.epochs,
+            course.schedule, course.input_scaling) == ("sgd", 0.1, 0.0, 0.0, 32, 3, "none", "unit")
+    assert published["fmnet"].fallback and "fmnet" in {n for n, s in published.items() if s.published is None}
+    assert published["mlp512"].assumed and not published["linear"].assumed
+    assert published["linear"].key("lr") == "models.linear.published.lr"  # errors name the key that set it
 
 
 def test_params_hash_follows_what_changes_a_model():

@@ -195,14 +195,21 @@ def test_random_erase_zeroes_one_rectangle_per_image():
 
 def test_loader_without_augmentation_is_the_normalised_split_and_shuffle_is_a_permutation():
     loader = BatchLoader(TRAIN, 32, STATS)
-    xs, ys = zip(*loader)
-    assert [len(y) for y in ys] == [32, 32, 32, 4]
+    xs, ys, ns = zip(*loader)
+    assert [len(y) for y in ys] == list(ns) == [32, 32, 32, 4]
     torch.testing.assert_close(torch.cat(xs), normalize(to_float(TRAIN.images), STATS), rtol=0, atol=0)
     assert torch.equal(torch.cat(ys), TRAIN.labels)
     g = torch.Generator().manual_seed(0)
     aug = BatchLoader(TRAIN, 32, STATS, shuffle=True, generator=g, flip=True, shift=2, erase=0.5)
-    ys = torch.cat([y for _, y in aug])
+    ys = torch.cat([y for _, y, _ in aug])
     assert sorted(ys.tolist()) == sorted(TRAIN.labels.tolist()) and not torch.equal(ys, TRAIN.labels)
+
+
+def test_loader_yields_every_image_of_a_split_larger_than_a_chunk():
+    n = BatchLoader.CHUNK * 2 + 300
+    big = Split(torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8), torch.arange(n) % 10, torch.arange(n))
+    sizes = [len(y) for _, y, _ in BatchLoader(big, 1000, STATS, shuffle=True, generator=torch.Generator())]
+    assert sum(sizes) == n and sizes[-1] == n % 1000
 
 
 def test_augmentation_changes_training_and_is_seeded():

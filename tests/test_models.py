@@ -44,6 +44,11 @@ def test_every_model_in_params_yaml_builds():
         assert models.build(spec.arch, spec.hparams).eval()(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
 
 
+def test_logistic_is_model_0_one_linear_layer():
+    model = models.build("logistic")
+    assert kinds(model) == ["Flatten", "Linear"] and models.count_parameters(model) == 7850
+
+
 def test_linear_is_two_linear_layers_without_activation():
     model = models.build("linear", {"hidden": 7})
     assert kinds(model) == ["Flatten", "Linear", "Linear"]

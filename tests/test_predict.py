@@ -128,3 +128,39 @@ def test_unusable_files_fail_fast_with_one_line(kind, content, message, trained,
     assert cli.main(["predict", str(trained), str(path)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(path) in err and message in err
+
+
+def test_test_index_prints_the_prediction_and_the_true_label(trained, processed_dir, workdir, capsys):
+    (workdir / "data").mkdir()
+    (workdir / "data/processed").symlink_to(processed_dir)
+    test = load_split("test", processed_dir)
+    assert cli.main(["predict", str(trained), "--test-index", "3"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("test image 3: predicted ") and f", true {CLASSES[int(test.labels[3])]} (" in line
+    assert cli.main(["predict", str(trained), "--test-index", "3", "--json"]) == 0
+    [r] = json.loads(capsys.readouterr().out)
+    assert r["test_index"] == 3 and r["true"] == CLASSES[int(test.labels[3])] and len(r["top3"]) == 3
+    assert (r["predicted"] == r["true"]) == (line.endswith(")") and "(correct)" in line)
+
+
+@pytest.mark.parametrize("index", ["200", "-1", "10000"])
+def test_test_index_out_of_range_names_the_valid_range(trained, processed_dir, workdir, capsys, index):
+    (workdir / "data").mkdir()
+    (workdir / "data/processed").symlink_to(processed_dir)  # 200 test images
+    assert cli.main(["predict", str(trained), "--test-index", index]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--test-index {index}: the test split has 200 images; use an index in 0..199" in err
+
+
+def test_a_model_is_named_by_its_checkpoint_or_its_name(trained, workdir, processed_dir, capsys):
+    (workdir / "models").mkdir()
+    (workdir / "models/linear.pt").write_bytes(trained.read_bytes())
+    (path, _), = write_test_pngs(processed_dir, workdir, n=1)
+    assert cli.main(["predict", "linear", str(path)]) == 0
+    by_name = capsys.readouterr().out
+    assert cli.main(["predict", "models/linear.pt", str(path)]) == 0
+    assert capsys.readouterr().out == by_name
+    assert cli.main(["predict", "resnet", str(path)]) == 1
+    assert "models/resnet.pt: missing" in capsys.readouterr().err
+    assert cli.main(["predict", "linear"]) == 1
+    assert "give image files, or --test-index N" in capsys.readouterr().err

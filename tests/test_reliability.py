@@ -85,7 +85,7 @@ def test_evaluate_detects_a_damaged_test_split_or_model(repo, fmnist, file, dama
 # --------------------------------------------------------------------------- bad params at the stage
 
 @pytest.mark.parametrize("args, names", [
-    (["train", "resnet"], ["model 'resnet'", "allowed: linear, mlp"]),
+    (["train", "resnet"], ["model 'resnet'", "allowed: logistic, linear, mlp"]),
     (["train", "linear", "--set", "loss=foo"], ["loss:", "ce, focal"]),
     (["train", "linear", "--set", "train.lr=-0.1"], ["train.lr:", "> 0"]),
     (["train", "linear", "--set", "train.lr=0"], ["train.lr:", "> 0"]),
@@ -100,6 +100,10 @@ def test_evaluate_detects_a_damaged_test_split_or_model(repo, fmnist, file, dama
     (["train", "fmnet", "--set", "models.fmnet.train.batch_size=100000"],
      ["models.fmnet.train.batch_size: 100000", "allowed: 1..540"]),
     (["evaluate", "linear", "--set", "evaluate.batch_size=0"], ["evaluate.batch_size:", ">= 1"]),
+    (["train", "linear", "--set", "recipe=nonsense"], ["recipe: must be one of project, published"]),
+    (["train", "linear", "--nproc", "0"], ["--nproc 0: must be at least 1"]),
+    (["train", "linear", "--nproc", "64"], ["--nproc 64: this machine has", "--force"]),
+    (["train", "linear", "--backend", "nccl", "--nproc", "2", "--force"], ["--backend nccl: needs CUDA"]),
 ])
 def test_bad_params_exit_2_in_one_line_and_write_nothing(repo, fmnist, args, names):
     save_untrained(repo / "models/linear.pt")  # so that evaluate would have something to score
@@ -202,7 +206,7 @@ def test_every_torch_load_uses_weights_only():
 
 # Writes that are not outputs, each with its reason.
 NOT_OUTPUTS = {
-    ("tracking.py", "open"): "the SQLite store's lock file: holds no data",
+    ("store.py", "open"): "the SQLite store's lock file: holds no data",
 }
 WRITERS = {"np.save", "numpy.save", "shutil.copy", "shutil.copy2", "shutil.copyfile", "shutil.copytree",
            "shutil.move", "os.rename", "os.replace", "os.link", "os.symlink"}

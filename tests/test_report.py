@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from conftest import REPO, specs
-from fmnist import checkpoint
+from fmnist import checkpoint, published
 from fmnist.commands import report
 from fmnist.core import models
 from fmnist.data import CLASSES
@@ -64,37 +64,63 @@ def linked_figures(md: str) -> list[str]:
     return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
 
 
-def table_rows(md: str) -> dict[str, str]:
+def table_rows(md: str, ncells: int = 11, key: int = 1) -> dict[str, str]:
+    """The rows of the markdown table with ``ncells`` cells, by the model named in cell ``key``."""
     rows = {}
     for line in md.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) == 12 and cells[1] not in ("model", "---"):
-            rows[cells[1].strip("*")] = line
+        if len(cells) == ncells and cells[key] not in ("model", "---") and line.startswith("|"):
+            rows[cells[key].strip("*")] = line
     return rows
 
 
+def published_rows(md: str) -> dict[str, str]:
+    return table_rows(md, ncells=9, key=0)
+
+
 def test_report_rows_best_published_and_figures(workdir, processed_dir):
-    s = write_params(workdir, ["linear", "mlp", "tinyvgg"], processed_dir)
-    fake_results(s, {"linear": 0.85, "mlp": 0.70, "tinyvgg": 0.80})
+    s = write_params(workdir, ["linear", "mlp", "tinyvgg", "cnn_bn"], processed_dir)
+    fake_results(s, {"linear": 0.85, "mlp": 0.70, "tinyvgg": 0.80, "cnn_bn": 0.82})
     path = report.run(s)
     md = path.read_text()
 
     rows = table_rows(md)
-    assert list(rows) == ["linear", "mlp", "tinyvgg"]  # params.yaml's order, one row each
+    assert list(rows) == ["linear", "mlp", "tinyvgg", "cnn_bn"]  # params.yaml's order, one row each
     assert "★ best" in rows["linear"] and "best" not in rows["mlp"] + rows["tinyvgg"]
-    assert "85.00%" in rows["linear"] and "83.43%" in rows["linear"] and "+1.57 pp" in rows["linear"]
-    assert "-8.06 pp" in rows["tinyvgg"]
-    assert "| ce |" in rows["mlp"] and "| ce |" in rows["linear"]
+    assert "85.00%" in rows["linear"] and "| ce | project |" in rows["mlp"]
     n_linear = models.count_parameters(models.build("linear", s["linear"].hparams))
     assert f"{n_linear:,}" in rows["linear"]
-    assert "First conv layer of tinyvgg" in md  # the best model has no conv layer; the best CNN is used
+    # the project's recipe: published figures are shown with the recipe that made them, never subtracted
+    pub = published_rows(md)
+    assert "83.43%" in pub["linear"] and "SGD lr 0.1, batch 32, 3 epochs, [0, 1] inputs" in pub["linear"]
+    assert "not compared: this run used the project recipe" in pub["linear"] and " pp" not in pub["linear"]
+    assert "29.97 s" in pub["linear"]  # the source's own time, as published
+    assert "not published" in pub["cnn_bn"] and "Adam* lr 0.001*" in pub["cnn_bn"]
 
-    links = linked_figures(md)
-    assert sorted(Path(p).name for p in links) == sorted(report.FIGURE_NAMES)
-    for link in links:
-        data = (path.parent / link).read_bytes()
-        assert data.startswith(PNG_MAGIC), link
+    names = sorted(Path(p).name for p in linked_figures(md))
+    # best fully connected model: linear; best CNN: cnn_bn; kernels of the best CNN (cnn_bn) only once
+    assert names == sorted(["accuracy_time.png", "loss_curves.png", "data_samples.png", "confusion_best.png",
+                            "correct_linear.png", "misclassified_linear.png", "correct_cnn_bn.png",
+                            "misclassified_cnn_bn.png", "kernels_cnn_bn.png"])
+    assert "First conv layer of cnn_bn" in md  # the best model has no conv layer; the best CNN is used
+    for link in linked_figures(md):
+        assert (path.parent / link).read_bytes().startswith(PNG_MAGIC), link
+    assert sorted(p.name for p in report.FIGURES.iterdir()) == names  # nothing else in the folder
     assert "timestamp" not in md.lower() and not re.search(r"\d{4}-\d\d-\d\d", md)
+
+
+def test_under_the_published_recipe_the_report_subtracts(workdir, processed_dir):
+    s = write_params(workdir, ["linear", "tinyvgg", "fmnet"], processed_dir, "recipe=published")
+    assert (s["linear"].recipe, s["fmnet"].recipe, s["fmnet"].fallback) == ("published", "project", True)
+    fake_results(s, {"linear": 0.85, "tinyvgg": 0.80, "fmnet": 0.9})
+    md = report.run(s).read_text()
+    pub = published_rows(md)
+    assert "83.43%" in pub["linear"] and "85.00%" in pub["linear"] and "+1.57 pp" in pub["linear"]
+    assert "-8.06 pp" in pub["tinyvgg"] and "0.3239 (test)" in pub["tinyvgg"] and "37.13 s" in pub["tinyvgg"]
+    assert "| published |" in table_rows(md)["linear"]
+    assert "project (no published recipe)" in table_rows(md)["fmnet"]
+    names = {Path(p).name for p in linked_figures(md)}
+    assert {"kernels_fmnet.png", "correct_linear.png", "correct_fmnet.png"} <= names  # fmnet is the best CNN
 
 
 def test_report_is_deterministic_and_works_without_a_cnn(workdir, processed_dir):
@@ -107,6 +133,7 @@ def test_report_is_deterministic_and_works_without_a_cnn(workdir, processed_dir)
     md = report.REPORT.read_text()
     assert "★ best" in table_rows(md)["mlp"]
     assert "conv_kernels.png" not in first and "no kernel figure" in md
+    assert not any(n.startswith(("kernels_", "correct_cnn")) for n in first)
     for link in linked_figures(md):
         assert (report.REPORT.parent / link).read_bytes().startswith(PNG_MAGIC)
 
@@ -139,10 +166,13 @@ def test_report_reads_what_the_train_and_evaluate_stages_write(workdir, processe
     assert logged == ["confusion_matrix.png", "confusion_matrix.png", "per_class.png", "per_class.png"]
 
 
-def test_published_figures():
-    assert report.published("linear", "ce") == report.published("linear", "focal") == 0.8343
-    assert report.published("mlp512", "ce") == 0.646 and report.published("mlp512", "focal") == 0.678
-    assert report.published("fmnet", "ce") is None
+def test_published_figures_need_the_same_architecture_and_loss():
+    assert published.figure("linear", "ce", {"hidden": 10}).test_accuracy == 0.8343
+    assert published.figure("linear", "ce", {"hidden": 20}) is None  # another architecture
+    assert published.figure("linear", "focal", {"hidden": 10}) is None
+    assert published.figure("mlp512", "ce", {"hidden": 512}).test_accuracy == 0.646
+    assert published.figure("mlp512", "focal", {"hidden": 512}).loss_kind == "validation"
+    assert published.figure("fmnet", "ce", {}) is None
 
 
 def test_dvc_yaml_report_stage_and_plots_cover_every_model():
@@ -150,7 +180,7 @@ def test_dvc_yaml_report_stage_and_plots_cover_every_model():
     names = list(yaml.safe_load((REPO / "params.yaml").read_text())["models"])
     stage = dvc["stages"]["report"]
     assert stage["cmd"] == "fmnist report"
-    assert {"reports/train", "reports/eval", "models"} <= set(stage["deps"]) and stage["params"] == ["loss", "models"]
+    assert {"reports/train", "reports/eval", "models"} <= set(stage["deps"]) and stage["params"] == ["loss", "recipe", "models"]
     outs = {k: v for o in stage["outs"] for k, v in o.items()}
     assert outs == {"reports/report.md": {"cache": False}, "reports/figures": {"cache": False}}
 
@@ -161,6 +191,9 @@ def test_dvc_yaml_report_stage_and_plots_cover_every_model():
         assert set(spec["y"]) == {f"reports/train/{n}/history.csv" for n in names}, title
         template = REPO / ".dvc/plots" / f"{spec['template']}.json"
         assert json.loads(template.read_text())["encoding"]["color"]["field"] == "model"
+
+    assert {n: a["path"] for n, a in dvc["artifacts"].items()} == {n: f"models/{n}.pt" for n in names}
+    assert {a["type"] for a in dvc["artifacts"].values()} == {"model"}
 
     confusion = dvc["stages"]["evaluate"]["do"]["plots"][0]["reports/eval/${key}/predictions.csv"]
     assert (confusion["template"], confusion["x"], confusion["y"]) == ("confusion", "actual", "predicted")

@@ -21,7 +21,7 @@ from fmnist.files import torch_load, torch_save
 from fmnist.runspec import RunSpec
 
 FORMAT = 2
-RETRAIN = "re-run `dvc repro` (or `fmnist train MODEL`) to rebuild it"
+RETRAIN = "`dvc pull` fetches it from the DVC remote, `dvc repro` (or `fmnist train MODEL`) trains it again"
 
 
 class CheckpointError(FmnistError):

@@ -43,10 +43,26 @@ def _train(args: argparse.Namespace) -> None:
 
     from fmnist import runspec
     from fmnist.commands import train
+    from fmnist.core import distributed, engine
 
     spec = runspec.pick(_specs(args), args.model)
-    metrics = train.run(spec, resume=train.resume_requested(args.resume), progress=not args.no_progress)
-    print(json.dumps(metrics, indent=2))
+    nproc = args.nproc if args.nproc is not None else spec.train.nproc
+    if nproc != 1 and not distributed.launched():  # become torchrun's launcher; the workers come back here
+        worker_args = ["train", args.model, "--params", args.params, "--backend", args.backend,
+                       *(a for s in args.set or () for a in ("--set", s)),
+                       *(["--resume"] if args.resume else []), *(["--no-progress"] if args.no_progress else [])]
+        train.launch(spec, nproc, worker_args, force=args.force, backend=args.backend)
+        return
+    group = distributed.start(engine.select_device(spec.train.device), args.backend)
+    if group is not None and not group.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        metrics = train.run(spec, resume=train.resume_requested(args.resume), progress=not args.no_progress,
+                            group=group)
+    finally:
+        distributed.stop(group)
+    if metrics is not None:
+        print(json.dumps(metrics, indent=2))
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -67,7 +83,7 @@ def _report(args: argparse.Namespace) -> None:
 def _predict(args: argparse.Namespace) -> None:
     from fmnist.commands import predict
 
-    predict.main(args.checkpoint, args.images, as_json=args.json)
+    predict.main(args.model, args.images, test_index=args.test_index, as_json=args.json)
 
 
 def _compare(args: argparse.Namespace) -> None:
@@ -105,14 +121,21 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--resume", action="store_true",
                            help="continue from models/MODEL.resume.pt (under dvc repro: FMNIST_RESUME=1)")
             s.add_argument("--no-progress", action="store_true", help="no progress bars")
+            s.add_argument("--nproc", type=int, metavar="N",
+                           help="train with N processes (torchrun, DistributedDataParallel); default: train.nproc")
+            s.add_argument("--force", action="store_true", help="allow --nproc above the cores or GPUs there are")
+            s.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto",
+                           help="torch.distributed backend (default: gloo on the CPU, nccl on CUDA)")
 
     add("report", _report, "write reports/report.md and reports/figures/ from every model's results")
 
     s = add("predict", _predict, "classify images with a trained model: class name and top-3 probabilities",
             params=False)
-    s.add_argument("checkpoint", help="a model file, e.g. models/fmnet.pt")
-    s.add_argument("images", nargs="+", metavar="IMAGE",
+    s.add_argument("model", help="a checkpoint file (models/fmnet.pt) or a model of params.yaml (fmnet)")
+    s.add_argument("images", nargs="*", metavar="IMAGE",
                    help="image files; any size or colour is converted to a 28x28 light-on-dark image")
+    s.add_argument("--test-index", type=int, metavar="N",
+                   help="also classify image N of the test split (data/processed/test.pt), with its true label")
     s.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     s = add("compare", _compare, "architecture x loss table of the MLflow runs (markdown and PNG heatmap)")

@@ -24,7 +24,9 @@ OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULES = ("none", "step", "cosine", "onecycle")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
-TOP_LEVEL = ("seed", "loss", "data", "focal", "train", "evaluate", "models")
+SCALINGS = ("standard", "unit")  # standard: (x - mean) / std of the training split; unit: pixels / 255, in [0, 1]
+RECIPES = ("project", "published")
+TOP_LEVEL = ("seed", "loss", "recipe", "data", "focal", "train", "evaluate", "models")
 
 
 @dataclass(frozen=True)
@@ -61,8 +63,11 @@ class TrainConfig:
     patience: int = 0  # early stopping on val loss; 0 = off
     subset: int = 0  # 0 = the whole training split; N = stratified subset of N images
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    input_scaling: str = "standard"
     device: str = "auto"
     precision: str = "auto"
+    nproc: int = 1  # processes training together (torchrun, DistributedDataParallel)
+    sync_bn: bool = False  # with nproc > 1: batch-norm statistics over every process, not each one's own
 
 
 @dataclass(frozen=True)
@@ -78,15 +83,20 @@ class ModelEntry:
     name: str  # the key under `models:`, used for stage and file names
     arch: str  # registry name; defaults to `name`
     hparams: dict[str, Any]
-    train: TrainConfig
+    train: TrainConfig  # what it trains with: the project's recipe or, under `recipe: published`, its source's
     evaluate: EvalConfig
-    own_train_keys: tuple[str, ...]  # the `train:` keys the entry sets itself
+    recipe: str  # the recipe `train` holds: project or published
+    own_section: str  # where its own train keys are: `train` (the project's recipe) or `published`
+    own_train_keys: tuple[str, ...]  # the train keys that section sets
+    published: dict[str, Any] | None  # the recipe its source published, as written, if it has one
+    assumed: tuple[str, ...] = ()  # keys of `published` the source did not publish (the project's choice)
 
 
 @dataclass(frozen=True)
 class Params:
     seed: int
     loss: str
+    recipe: str  # project | published: which recipe every model trains with
     data: DataConfig
     focal: FocalConfig
     train: TrainConfig
@@ -105,6 +115,7 @@ def validate(raw: dict[str, Any]) -> Params:
     _known(raw, set(TOP_LEVEL), "")
     seed = _int(raw.get("seed", 42), "seed", lo=0)
     loss = _choice(raw.get("loss", "ce"), "loss", LOSSES)
+    recipe = _choice(raw.get("recipe", "project"), "recipe", RECIPES)
     d = _section(raw, "data")
     _known(d, {"val_fraction"}, "data.")
     data = DataConfig(_number(d.get("val_fraction", 0.1), "data.val_fraction", 0, 1, lo_open=True, hi_open=True))
@@ -119,30 +130,51 @@ def validate(raw: dict[str, Any]) -> Params:
     for name in own_eval:
         if name not in entries:
             raise ConfigError(f"evaluate.models.{name}: not a model of `models:`; allowed: {', '.join(entries)}")
-    return Params(seed=seed, loss=loss, data=data, focal=focal, train=_train_config(train, "train"),
+    return Params(seed=seed, loss=loss, recipe=recipe, data=data, focal=focal, train=_train_config(train, "train"),
                   evaluate=_eval_config(shared_eval, "evaluate"),
-                  models={name: _model_entry(name, entry, train, shared_eval, own_eval.get(name))
+                  models={name: _model_entry(name, entry, recipe, train, shared_eval, own_eval.get(name))
                           for name, entry in entries.items()})
 
 
-def _model_entry(name: str, entry: Any, train: dict[str, Any], shared_eval: dict[str, Any],
+def _model_entry(name: str, entry: Any, recipe: str, train: dict[str, Any], shared_eval: dict[str, Any],
                  own_eval: Any) -> ModelEntry:
+    """A model's train keys over the shared `train:` section: its own `train:` (the project's recipe)
+    or, under `recipe: published`, its `published:` recipe where it has one."""
     key = f"models.{name}"
     if entry is not None and not isinstance(entry, dict):
         raise ConfigError(f"{key}: must be a mapping of hyperparameters, got {entry!r}")
     hparams = dict(entry or {})
     arch = hparams.pop("arch", name)
-    own_train = hparams.pop("train", None) or {}
-    if not isinstance(own_train, dict):
-        raise ConfigError(f"{key}.train: must be a mapping, got {own_train!r}")
+    own = {"train": hparams.pop("train", None) or {}, "published": hparams.pop("published", None)}
+    for section, value in own.items():
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{key}.{section}: must be a mapping of train keys, got {value!r}")
     if own_eval is not None and not isinstance(own_eval, dict):
         raise ConfigError(f"evaluate.models.{name}: must be a mapping, got {own_eval!r}")
+    project = _train_config(_deep_merge(train, own["train"]), f"{key}.train")
+    published, assumed = None, ()
+    if own["published"] is not None:
+        published = {k: v for k, v in own["published"].items() if k != "assumed"}
+        assumed = _assumed(own["published"].get("assumed", []), published, f"{key}.published.assumed")
+        published_train = _train_config(_deep_merge(train, published), f"{key}.published")
+    section = "published" if recipe == "published" and published is not None else "train"
     return ModelEntry(
         name=name, arch=arch, hparams=hparams,
-        train=_train_config(_deep_merge(train, own_train), f"{key}.train"),
+        train=published_train if section == "published" else project,
         evaluate=_eval_config({**shared_eval, **(own_eval or {})}, f"evaluate.models.{name}"),
-        own_train_keys=tuple(own_train),
+        recipe="published" if section == "published" else "project", own_section=section,
+        own_train_keys=tuple(own[section] if section == "train" else published), published=published,
+        assumed=assumed,
     )
+
+
+def _assumed(value: Any, recipe: dict[str, Any], key: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{key}: must be a list of the recipe's keys, got {value!r}")
+    for v in value:
+        if v.split(".")[0] not in recipe:
+            raise ConfigError(f"{key}: {v!r} is not a key of the recipe; allowed: {', '.join(recipe)}")
+    return tuple(value)
 
 
 # --------------------------------------------------------------------------- sections
@@ -181,8 +213,11 @@ def _train_config(t: dict[str, Any], prefix: str) -> TrainConfig:
         patience=_int(*get("patience"), lo=0),
         subset=_int(*get("subset"), lo=0),
         augment=augment,
+        input_scaling=_choice(*get("input_scaling"), SCALINGS),
         device=_choice(*get("device"), DEVICES),
         precision=_choice(*get("precision"), PRECISIONS),
+        nproc=_int(*get("nproc"), lo=1),
+        sync_bn=_bool(*get("sync_bn")),
     )
     if cfg.nesterov and (cfg.optimizer != "sgd" or cfg.momentum == 0):
         raise ConfigError(f"{prefix}.nesterov: needs optimizer sgd with momentum > 0")

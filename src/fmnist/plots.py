@@ -12,7 +12,7 @@ import math
 from typing import Any, Sequence
 
 DPI = 120
-BLUE, GREEN, RED, GREY = "#4C72B0", "#2CA02C", "#D62728", "#7F7F7F"
+BLUE, GREEN, RED, GREY, ORANGE = "#4C72B0", "#2CA02C", "#D62728", "#7F7F7F", "#DD8452"
 
 
 def _figure(width: float, height: float):
@@ -43,7 +43,7 @@ def accuracy_and_time(rows: Sequence[dict[str, Any]]):
     pub = [(yi, 100 * r["published"]) for yi, r in zip(y, rows) if r.get("published") is not None]
     if pub:
         ax_acc.scatter([p for _, p in pub], [yi for yi, _ in pub], marker="|", s=500, linewidths=2.5,
-                       color="black", zorder=3, label="published figure")
+                       color="black", zorder=3, label="published figure (same recipe)")
         fig.legend(loc="outside lower center", fontsize=9.5, frameon=False, markerscale=0.6)
     ax_acc.set_xlim(0, 100)
     ax_acc.set_xlabel("test accuracy (%)")
@@ -71,33 +71,37 @@ def seconds(t: float) -> str:
     return f"{t:.2f} s" if t < 10 else f"{t:.1f} s" if t < 120 else f"{t / 60:.1f} min"
 
 
-def loss_curves(histories: dict[str, dict[str, Sequence[float]]], loss_name: str = "loss"):
+def loss_curves(histories: dict[str, dict[str, Sequence[float]]], train_loss: dict[str, str] | str = "loss",
+                title: str = "Training and validation loss per epoch"):
     """Train and validation loss per epoch, one small panel per model, shared y axis.
 
-    ``histories``: model -> {"epoch": [...], "train_loss": [...], "val_loss": [...]}.
+    ``histories``: panel -> {"epoch": [...], "train_loss": [...], "val_loss": [...]}; ``train_loss``:
+    the name of the loss each panel trained on (one name for all, or panel -> name). Each curve is
+    labelled by what it measures: the training loss is the objective, the validation loss is
+    always cross-entropy.
     """
     n = len(histories)
     ncols = min(4, n)
     nrows = math.ceil(n / ncols)
-    fig = _figure(3.3 * ncols + 0.4, 2.6 * nrows + 0.9)
+    fig = _figure(3.3 * ncols + 0.4, 2.7 * nrows + 0.9)
     axes = fig.subplots(nrows, ncols, sharey=True, squeeze=False).ravel()
     for ax, (model, h) in zip(axes, histories.items()):
-        ax.plot(h["epoch"], h["train_loss"], marker="o", ms=4, color=BLUE, label="train")
-        ax.plot(h["epoch"], h["val_loss"], marker="s", ms=4, color="#DD8452", label="validation")
+        name = train_loss if isinstance(train_loss, str) else train_loss[model]
+        ax.plot(h["epoch"], h["train_loss"], marker="o", ms=4, color=BLUE, label=f"train ({name})")
+        ax.plot(h["epoch"], h["val_loss"], marker="s", ms=4, color=ORANGE, label="validation (cross-entropy)")
         ax.set_title(model, fontsize=11)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=7.5, loc="upper right", frameon=False)
         epochs = list(h["epoch"])
         if epochs:
             ax.set_xticks(_int_ticks(int(min(epochs)), int(max(epochs))))
             ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
     for ax in axes[::ncols]:
-        ax.set_ylabel(loss_name)
+        ax.set_ylabel("loss")
     for ax in axes[n:]:
         ax.set_visible(False)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside upper right", ncols=2, fontsize=10)
-    fig.suptitle("Training and validation loss per epoch", fontsize=13)
+    fig.suptitle(title, fontsize=13)
     return fig
 
 
@@ -138,7 +142,7 @@ def per_class(scores: dict[str, dict[str, float]], title: str):
     fig = _figure(8, 0.5 * len(classes) + 1.6)
     ax = fig.subplots()
     h = 0.26
-    for k, (metric, color) in enumerate((("precision", BLUE), ("recall", "#DD8452"), ("f1", GREEN))):
+    for k, (metric, color) in enumerate((("precision", BLUE), ("recall", ORANGE), ("f1", GREEN))):
         y = [len(classes) - 1 - i + (1 - k) * h for i in range(len(classes))]
         ax.barh(y, [scores[c][metric] for c in classes], height=h, color=color, label=metric.replace("f1", "F1"))
     ax.set_yticks(range(len(classes))[::-1], classes)
@@ -152,8 +156,9 @@ def per_class(scores: dict[str, dict[str, float]], title: str):
     return fig
 
 
-def image_grid(images: Sequence[Any], captions: Sequence[str], colors: Sequence[str], title: str, ncols: int = 6):
-    """A grid of 28x28 grayscale images, each with a caption (two short lines at most)."""
+def image_grid(images: Sequence[Any], captions: Sequence[Sequence[tuple[str, str]]], title: str, ncols: int = 6):
+    """A grid of 28x28 grayscale images, each with a caption of one or two lines, each line
+    ``(text, colour)`` (a misclassified image: the prediction in red above the truth in green)."""
     n = len(images)
     ncols = max(1, min(ncols, n))
     nrows = max(1, math.ceil(n / ncols))
@@ -161,9 +166,11 @@ def image_grid(images: Sequence[Any], captions: Sequence[str], colors: Sequence[
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax in axes:
         ax.set_axis_off()
-    for ax, img, cap, col in zip(axes, images, captions, colors):
+    for ax, img, lines in zip(axes, images, captions):
         ax.imshow(img, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-        ax.set_title(cap, fontsize=8.5, color=col, linespacing=1.15)
+        for k, (text, colour) in enumerate(reversed(lines)):  # bottom line first, just above the image
+            ax.text(0.5, 1.02 + 0.13 * k, text, transform=ax.transAxes, ha="center", va="bottom",
+                    fontsize=8.5, color=colour)
     fig.suptitle(title, fontsize=12)
     return fig
 
@@ -191,16 +198,18 @@ def conv_kernels(kernels: Any, maps: Any, image: Any, title: str, image_caption:
 
     grid = outer[1].subgridspec(2 * groups, ncols, hspace=0.05, wspace=0.08)
     lim = float(np.abs(kernels).max()) or 1.0
+    lo, hi = float(maps.min()), float(maps.max())  # one scale for every map, so their strengths compare
     for i in range(c):
         g, col = divmod(i, ncols)
         ax_k = fig.add_subplot(grid[2 * g, col])
         ax_k.imshow(kernels[i], cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
         ax_k.set_title(f"kernel {i + 1}", fontsize=8)
         ax_m = fig.add_subplot(grid[2 * g + 1, col])
-        ax_m.imshow(maps[i], cmap="magma", interpolation="nearest")
+        shown = ax_m.imshow(maps[i], cmap="magma", vmin=lo, vmax=hi if hi > lo else lo + 1, interpolation="nearest")
         for ax in (ax_k, ax_m):
             ax.set_xticks([])
             ax.set_yticks([])
+    fig.colorbar(shown, ax=fig.axes[1:], shrink=0.6, pad=0.01, label="feature map value (one scale for all)")
     fig.suptitle(title, fontsize=12)
     fig.supxlabel("each pair: a kernel's weights (blue negative, red positive) above its feature map "
                   "of the input (bright: strong response)", fontsize=10)

@@ -58,12 +58,18 @@ class RunSpec:
     train: TrainConfig
     evaluate: EvalConfig
     paths: RunPaths
-    own_train_keys: tuple[str, ...] = ()  # the train keys the model sets itself, for naming keys in messages
+    recipe: str = "project"  # the recipe `train` holds: project, or published (its source's)
+    fallback: bool = False  # the published recipe was asked for, but the model has none
+    published: dict[str, Any] | None = None  # the recipe its source published, as params.yaml writes it
+    assumed: tuple[str, ...] = ()  # the keys of `published` the source did not publish
+    own_section: str = "train"  # models.<model>.<own_section> holds the train keys the model sets itself
+    own_train_keys: tuple[str, ...] = ()
 
     def trained_with(self) -> dict[str, Any]:
         """What decides the trained weights, as plain values (hashed; logged to MLflow)."""
         out = {"model": self.model, "arch": self.arch, "hparams": dict(self.hparams), "seed": self.seed,
-               "loss": self.loss, "data": dataclasses.asdict(self.data), "train": dataclasses.asdict(self.train)}
+               "loss": self.loss, "recipe": self.recipe, "data": dataclasses.asdict(self.data),
+               "train": dataclasses.asdict(self.train)}
         if self.focal is not None:
             out["focal"] = dataclasses.asdict(self.focal)
         return out
@@ -76,14 +82,16 @@ class RunSpec:
     def key(self, train_field: str) -> str:
         """The params.yaml key that sets ``train.<train_field>`` for this model."""
         own = train_field.split(".")[0] in self.own_train_keys
-        return f"models.{self.model}.train.{train_field}" if own else f"train.{train_field}"
+        return f"models.{self.model}.{self.own_section}.{train_field}" if own else f"train.{train_field}"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values only (a checkpoint is loaded with weights_only=True)."""
         return {**self.trained_with(), "focal": dataclasses.asdict(self.focal) if self.focal else None,
                 "evaluate": dataclasses.asdict(self.evaluate),
                 "paths": {k: str(v) for k, v in dataclasses.asdict(self.paths).items()},
-                "own_train_keys": list(self.own_train_keys), "params_hash": self.params_hash}
+                "fallback": self.fallback, "published": self.published, "assumed": list(self.assumed),
+                "own_section": self.own_section, "own_train_keys": list(self.own_train_keys),
+                "params_hash": self.params_hash}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunSpec:
@@ -95,8 +103,9 @@ class RunSpec:
         return cls(model=d["model"], arch=d["arch"], hparams=dict(d["hparams"]), seed=d["seed"], loss=d["loss"],
                    focal=FocalConfig(**focal) if focal else None, data=DataConfig(**d["data"]),
                    train=TrainConfig(**train), evaluate=EvalConfig(**d["evaluate"]),
-                   paths=RunPaths(**{k: Path(v) for k, v in d["paths"].items()}),
-                   own_train_keys=tuple(d.get("own_train_keys") or ()))
+                   paths=RunPaths(**{k: Path(v) for k, v in d["paths"].items()}), recipe=d["recipe"],
+                   fallback=d["fallback"], published=d["published"], assumed=tuple(d["assumed"]),
+                   own_section=d["own_section"], own_train_keys=tuple(d["own_train_keys"]))
 
 
 def resolve(params: Params) -> dict[str, RunSpec]:
@@ -110,7 +119,10 @@ def resolve(params: Params) -> dict[str, RunSpec]:
         specs[name] = RunSpec(model=name, arch=entry.arch, hparams=entry.hparams, seed=params.seed,
                               loss=params.loss, focal=params.focal if params.loss == "focal" else None,
                               data=params.data, train=entry.train, evaluate=entry.evaluate,
-                              paths=RunPaths.of(name), own_train_keys=entry.own_train_keys)
+                              paths=RunPaths.of(name), recipe=entry.recipe,
+                              fallback=params.recipe == "published" and entry.recipe != "published",
+                              published=entry.published, assumed=entry.assumed, own_section=entry.own_section,
+                              own_train_keys=entry.own_train_keys)
     return specs
 
 

@@ -4,7 +4,9 @@ For each (model, loss) pair it takes the latest FINISHED run that has test
 metrics (``dvc exp run -S loss=focal`` adds the focal column). Runs are tagged
 ``model`` and ``loss`` by the train stage; evaluate adds ``test_accuracy`` and
 ``test_loss``. The files go to OUT/compare.md and OUT/compare.png (default OUT:
-reports/, beside, not inside, the report stage's reports/figures/, which DVC owns).
+reports/, beside, not inside, the report stage's reports/figures/, which DVC owns). Where a
+model has both a cross-entropy and a focal run, OUT/compare_curves.png puts their training and
+validation loss curves (from the runs' MLflow histories) side by side.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ METRICS = {
     "train_time_s": ("Training time (s)", "{:.1f}", "{:.1f}", False),
 }
 LOSS_ORDER = ("ce", "focal")
+LOSS_NAMES = {"ce": "cross-entropy", "focal": "focal loss"}
 
 
 class CompareError(FmnistError):
@@ -96,6 +99,21 @@ def _best(row: list[float | None], higher: bool) -> int | None:
     return (max(vals) if higher else min(vals))[1]
 
 
+def loss_histories(cells: dict[tuple[str, str], dict[str, Any]], models: list[str]) -> dict[str, dict]:
+    """"MODEL, LOSS" -> its run's per-epoch train and validation loss, for every model run with both losses."""
+    from fmnist import tracking
+
+    out = {}
+    for m in models:
+        if (m, "ce") in cells and (m, "focal") in cells:
+            for loss in ("ce", "focal"):
+                h = tracking.metric_histories(cells[(m, loss)]["run_id"], ("train_loss", "val_loss"))
+                steps = sorted(set(h["train_loss"]) & set(h["val_loss"]))
+                out[f"{m}, {LOSS_NAMES[loss]}"] = {"epoch": steps, "train_loss": [h["train_loss"][e] for e in steps],
+                                                  "val_loss": [h["val_loss"][e] for e in steps]}
+    return out
+
+
 def main(experiment: str | None = None, tags: list[str] | tuple[str, ...] = (), out: str | Path = "reports",
          params: str | Path = "params.yaml") -> tuple[Path, Path]:
     from fmnist import plots, tracking
@@ -116,6 +134,12 @@ def main(experiment: str | None = None, tags: list[str] | tuple[str, ...] = (), 
     panels = {title: {"values": values[metric], "fmt": hfmt, "higher_is_better": higher}
               for metric, (title, _, hfmt, higher) in METRICS.items()}
     save_figure(png, plots.compare_heatmap(models, losses, panels))
+    wrote = [md, png]
+    curves = loss_histories(cells, models)
+    if curves:
+        wrote.append(out / "compare_curves.png")
+        save_figure(wrote[-1], plots.loss_curves(curves, {k: k.split(", ")[1] for k in curves},
+                                                  "Cross-entropy and focal loss, side by side: loss per epoch"))
     print(text)
-    print(f"wrote {md} and {png}")
+    print("wrote " + ", ".join(map(str, wrote)))
     return md, png

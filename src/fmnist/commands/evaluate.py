@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 
 
 def run(spec: RunSpec) -> dict:
+    from fmnist import tracking
+
+    tracking.tracking_uri()  # a malformed MLFLOW_TRACKING_URI stops here, before anything is written
     out = spec.paths
     model, ck = checkpoint.load(out.model)
     if ck.spec.params_hash != spec.params_hash:

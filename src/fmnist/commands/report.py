@@ -1,9 +1,11 @@
 """report: reports/report.md and reports/figures/*.png, from every model's train and eval outputs.
 
 Reads, for each model of params.yaml's ``models:`` (the paths of its run spec):
-reports/train/M/{metrics.json,history.csv}, reports/eval/M/{metrics.json,predictions.csv,per_class.json}
-and, for the best convolutional model, models/M.pt (its first conv layer's kernels). The output depends on those files only: no
-timestamps, so re-running on the same inputs writes identical files.
+reports/train/M/{metrics.json,history.csv}, reports/eval/M/{metrics.json,predictions.csv,per_class.json};
+the checkpoints of the models whose first conv layer it draws; the processed training and test
+images. It compares a model with a published figure only when both used the same recipe
+(src/fmnist/published.py). The output depends on those inputs only: no timestamps, so re-running
+on the same inputs writes identical files.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ from typing import Any
 
 import torch
 
-from fmnist import FmnistError, checkpoint, plots
+from fmnist import FmnistError, checkpoint, plots, published
 from fmnist.core import metrics, models
 from fmnist.data import CLASSES
-from fmnist.data.loader import load_split
+from fmnist.data.loader import Split, load_split, normalize, to_float
 from fmnist.files import save_figure, write_text
 from fmnist.runspec import RunSpec
 
@@ -27,23 +29,15 @@ log = logging.getLogger(__name__)
 
 REPORT = Path("reports/report.md")
 FIGURES = Path("reports/figures")
-FIGURE_NAMES = ("accuracy_time.png", "loss_curves.png", "confusion_best.png", "correct.png",
-                "misclassified.png", "conv_kernels.png")
-
-# Test accuracy published for these architectures: (arch, loss) -> accuracy; loss None = any loss.
-PUBLISHED = {("linear", None): 0.8343, ("mlp", None): 0.7502, ("tinyvgg", None): 0.8806,
-             ("mlp512", "ce"): 0.646, ("mlp512", "focal"): 0.678}
 LOSS_NAMES = {"ce": "cross-entropy", "focal": "focal loss"}
+N_SAMPLES_PER_CLASS = 8
 N_CORRECT_PER_CLASS = 2
 N_MISCLASSIFIED = 24
+KERNELS_OF = ("cnn_bn",)  # besides the best model: the CNN whose source showed its kernels
 
 
 class ReportError(FmnistError):
     """An input of the report is missing or unreadable. The message names the file."""
-
-
-def published(arch: str, loss: str) -> float | None:
-    return PUBLISHED.get((arch, loss), PUBLISHED.get((arch, None)))
 
 
 def _rank(row: dict[str, Any]) -> tuple:
@@ -75,7 +69,7 @@ def _csv(path: Path) -> list[dict[str, str]]:
 def _model_row(spec: RunSpec) -> dict[str, Any]:
     """One model's numbers; every file it needs must exist."""
     p = spec.paths
-    for path in (p.train_metrics, p.history, p.eval_metrics, p.predictions, p.per_class, p.model):
+    for path in (p.train_metrics, p.history, p.eval_metrics, p.predictions, p.per_class):
         _need(path)
     tm, em = _json(p.train_metrics), _json(p.eval_metrics)
     try:
@@ -87,64 +81,89 @@ def _model_row(spec: RunSpec) -> dict[str, Any]:
     except (KeyError, ValueError, TypeError) as e:
         raise ReportError(f"{p.train_metrics.parent} or {p.eval_metrics.parent}: a metrics or history file lacks "
                           f"{e}; run `dvc repro` to rebuild them") from e
-    row.update(published=published(spec.arch, spec.loss), spec=spec, history=history)
+    has_conv = models.first_conv(models.build(spec.arch, spec.hparams)) is not None
+    row.update(spec=spec, history=history, cnn=has_conv,
+               published=published.figure(spec.arch, spec.loss, spec.hparams))
     return row
 
 
 # --------------------------------------------------------------------------- the stage
 
 def run(specs: dict[str, RunSpec]) -> Path:
-    rows = [_model_row(spec) for spec in specs.values()]
-    best = min(rows, key=_rank)
-    for r in rows:
-        r["best"] = r is best
-    test = load_split("test", best["spec"].paths.processed)
-
+    rows = sorted((_model_row(spec) for spec in specs.values()), key=_rank)
+    best = rows[0]
+    best_fc = next((r for r in rows if not r["cnn"]), None)
+    best_cnn = next((r for r in rows if r["cnn"]), None)
+    processed = best["spec"].paths.processed
+    test = load_split("test", processed)
     figures: dict[str, tuple[str, str]] = {}  # file name -> (heading, caption)
 
     def save(fig, fname: str, heading: str, caption: str) -> None:
         save_figure(FIGURES / fname, fig)
         figures[fname] = (heading, caption)
 
-    by_acc = sorted(rows, key=_rank)
-    save(plots.accuracy_and_time([{"model": r["model"], "accuracy": r["test_accuracy"],
-                                   "published": r["published"], "train_time_s": r["train_time_s"],
-                                   "best": r["best"]} for r in by_acc]),
+    save(plots.accuracy_and_time([{"model": r["model"], "accuracy": r["test_accuracy"], "best": r is best,
+                                   "published": r["published"].test_accuracy if _comparable(r) else None,
+                                   "train_time_s": r["train_time_s"]} for r in rows]),
          "accuracy_time.png", "Accuracy and training time",
-         "Test accuracy (black bars: the published figure) and training time per model, best first.")
-
-    losses = {r["loss"] for r in rows}
-    loss_label = LOSS_NAMES.get(losses.pop(), "loss") if len(losses) == 1 else "loss"
-    save(plots.loss_curves({r["model"]: r["history"] for r in rows}, loss_label),
-         "loss_curves.png", "Loss curves", "Training and validation loss after each epoch, one panel per model.")
-
-    preds = _csv(best["spec"].paths.predictions)
-    save(plots.confusion(_confusion(preds), CLASSES,
+         "Test accuracy and training time per model, best first; a black mark is the figure its source "
+         "published, where this run used the source's recipe.")
+    save(plots.loss_curves({r["model"]: r["history"] for r in _in_params_order(rows, specs)},
+                           {r["model"]: LOSS_NAMES[r["loss"]] for r in rows}),
+         "loss_curves.png", "Loss curves",
+         "Training loss (the loss each model trained on) and validation loss (always cross-entropy) per epoch.")
+    save(_samples(load_split("train", processed)), "data_samples.png", "The data",
+         f"The first {N_SAMPLES_PER_CLASS} training images of each class.")
+    preds = {r["model"]: _csv(r["spec"].paths.predictions) for r in {id(r): r for r in (best, best_fc, best_cnn)
+                                                                      if r is not None}.values()}
+    save(plots.confusion(_confusion(preds[best["model"]]), CLASSES,
                          f"{best['model']}: confusion matrix on the test set "
                          f"(accuracy {100 * best['test_accuracy']:.2f}%)"),
          "confusion_best.png", f"Confusion matrix of the best model ({best['model']})",
          "Rows: the true class; columns: the predicted class. Numbers are image counts.")
-
     pos = {int(i): p for p, i in enumerate(test.index.tolist())}
-    save(_correct_grid(preds, test, pos, best["model"]), "correct.png",
-         f"Correctly classified test images ({best['model']})",
-         f"The first {N_CORRECT_PER_CLASS} correctly classified test images of each class, with the confidence.")
-    save(_misclassified_grid(preds, test, pos, best["model"]), "misclassified.png",
-         f"Misclassified test images ({best['model']})",
-         f"The {N_MISCLASSIFIED} most confident mistakes: predicted class (red) and true class.")
-
-    cnn = _best_cnn(rows)
-    if cnn is not None:
-        save(_kernels_figure(cnn, test), "conv_kernels.png", f"First conv layer of {cnn['model']}",
-             "Each kernel of the best convolutional model's first layer (blue negative, red positive weights) "
-             "above the feature map it makes of one test image (bright: strong response).")
-    for stale in set(FIGURE_NAMES) - set(figures):
-        (FIGURES / stale).unlink(missing_ok=True)
+    for kind, r in (("fully connected", best_fc), ("convolutional", best_cnn)):
+        if r is None:
+            continue
+        m = r["model"]
+        save(_correct_grid(preds[m], test, pos, m), f"correct_{m}.png",
+             f"Correctly classified test images (best {kind} model, {m})",
+             f"The first {N_CORRECT_PER_CLASS} correctly classified test images of each class, with the confidence.")
+        save(_misclassified_grid(preds[m], test, pos, m), f"misclassified_{m}.png",
+             f"Misclassified test images (best {kind} model, {m})",
+             f"The {N_MISCLASSIFIED} most confident mistakes: the predicted class in red above the true class "
+             "in green.")
+    for r in _kernel_rows(rows, best):
+        save(_kernels_figure(r, test), f"kernels_{r['model']}.png", f"First conv layer of {r['model']}",
+             "Each kernel of the first conv layer (blue negative, red positive weights) above the feature map "
+             "it makes of one test image; all feature maps share one colour scale.")
+    for stale in {p.name for p in FIGURES.glob("*.png")} - set(figures):
+        (FIGURES / stale).unlink()
 
     per_class = _json(best["spec"].paths.per_class)
-    write_text(REPORT, _markdown(rows, best, cnn, figures, per_class))
+    write_text(REPORT, _markdown(_in_params_order(rows, specs), best, figures, per_class))
     log.info("wrote %s and %d figures in %s", REPORT, len(figures), FIGURES)
+    from fmnist.tracking import registry  # the best model becomes a version of the registered model (not an output)
+
+    registry.promote(best["spec"], checkpoint.read(_need(best["spec"].paths.model))[0].run_id, best["test_accuracy"])
     return REPORT
+
+
+def _in_params_order(rows: list[dict[str, Any]], specs: dict[str, RunSpec]) -> list[dict[str, Any]]:
+    by_name = {r["model"]: r for r in rows}
+    return [by_name[name] for name in specs]
+
+
+def _comparable(row: dict[str, Any]) -> bool:
+    """A published figure is compared only with a run of the same recipe and architecture."""
+    return row["published"] is not None and row["spec"].recipe == "published"
+
+
+def _kernel_rows(rows: list[dict[str, Any]], best: dict[str, Any]) -> list[dict[str, Any]]:
+    """The best model's first conv layer (or the best CNN's, when the best has none), and cnn_bn's."""
+    first = best if best["cnn"] else next((r for r in rows if r["cnn"]), None)
+    chosen = [first] if first is not None else []
+    return chosen + [r for r in rows if r["model"] in KERNELS_OF and r["cnn"] and r is not first]
 
 
 # --------------------------------------------------------------------------- figures from the inputs
@@ -159,12 +178,23 @@ def _confusion(preds: list[dict[str, str]]) -> list[list[int]]:
     return metrics.confusion_matrix(predicted, actual).tolist()
 
 
-def _image(test, pos: dict[int, int], index: str):
+def _image(test: Split, pos: dict[int, int], index: str):
     try:
         return test.images[pos[int(index)]].numpy()
     except (KeyError, ValueError) as e:
         raise ReportError(f"predictions.csv: index {index} is not in the test split; "
                           "run `dvc repro` to rebuild it") from e
+
+
+def _samples(train: Split):
+    """The first training images of each class, one row per class, named at the row's start."""
+    images, captions = [], []
+    for c, name in enumerate(CLASSES):
+        idx = (train.labels == c).nonzero().squeeze(1)[:N_SAMPLES_PER_CLASS]
+        images += [train.images[i].numpy() for i in idx]
+        captions += [[(name, "black")]] + [[]] * (len(idx) - 1)
+    return plots.image_grid(images, captions, "Fashion-MNIST training images, one row per class",
+                            ncols=N_SAMPLES_PER_CLASS)
 
 
 def _correct_grid(preds, test, pos, model: str):
@@ -176,8 +206,8 @@ def _correct_grid(preds, test, pos, model: str):
     if not chosen:
         return plots.message(f"{model}: no test image was classified correctly")
     return plots.image_grid([_image(test, pos, r["index"]) for r in chosen],
-                            [f"{r['predicted']}\n{100 * float(r['confidence']):.0f}% sure" for r in chosen],
-                            [plots.GREEN] * len(chosen),
+                            [[(r["predicted"], plots.GREEN), (f"{100 * float(r['confidence']):.0f}% sure", plots.GREY)]
+                             for r in chosen],
                             f"{model}: correctly classified test images (one column per class)", ncols=len(CLASSES))
 
 
@@ -187,28 +217,17 @@ def _misclassified_grid(preds, test, pos, model: str):
     if not wrong:
         return plots.message(f"{model}: no test image was misclassified")
     return plots.image_grid([_image(test, pos, r["index"]) for r in wrong],
-                            [f"predicted {r['predicted']}\ntrue {r['actual']}" for r in wrong],
-                            [plots.RED] * len(wrong),
+                            [[(f"predicted {r['predicted']}", plots.RED), (f"true {r['actual']}", plots.GREEN)]
+                             for r in wrong],
                             f"{model}: the most confident mistakes on the test set", ncols=8)
 
 
-def _best_cnn(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The most accurate model whose architecture has a conv layer (built, not trained, to check)."""
-    for r in sorted(rows, key=_rank):
-        if models.first_conv(models.build(r["arch"], r["spec"].hparams)) is not None:
-            return r
-    return None
-
-
 @torch.no_grad()
-def _kernels_figure(row: dict[str, Any], test):
-    from fmnist.data.loader import normalize, to_float
-
-    model, ck = checkpoint.load(row["spec"].paths.model)
+def _kernels_figure(row: dict[str, Any], test: Split):
+    model, ck = checkpoint.load(_need(row["spec"].paths.model))
     conv = models.first_conv(model)
     image = test.images[:1]
-    x = normalize(to_float(image), ck.stats)
-    maps = conv(x)[0]
+    maps = conv(normalize(to_float(image), ck.stats))[0]
     kernels = conv.weight.sum(dim=1)  # over input channels (one for grayscale input)
     caption = f"test image {int(test.index[0])} ({CLASSES[int(test.labels[0])]})"
     return plots.conv_kernels(kernels.numpy(), maps.numpy(), image[0].numpy(),
@@ -218,26 +237,23 @@ def _kernels_figure(row: dict[str, Any], test):
 
 # --------------------------------------------------------------------------- markdown
 
-def _markdown(rows, best, cnn, figures: dict[str, tuple[str, str]], per_class: dict[str, dict[str, float]]) -> str:
+def _markdown(rows, best, figures: dict[str, tuple[str, str]], per_class: dict[str, dict[str, float]]) -> str:
     loss_name = LOSS_NAMES.get(best["loss"], best["loss"])
     out = ["# Fashion-MNIST: model comparison", "",
-           f"Best model: **{best['model']}** ({best['arch']}, {loss_name}), test accuracy "
+           f"Best model: **{best['model']}** ({best['arch']}, {loss_name}, {_recipe(best)} recipe), test accuracy "
            f"**{100 * best['test_accuracy']:.2f}%**, trained in {plots.seconds(best['train_time_s'])}.", "",
            "One row per model of `params.yaml`, in its order. Test metrics are on the 10,000 test images (the "
            "test loss is cross-entropy, whatever loss trained the model); training time is the training loop "
-           "alone; *published* is the figure reported for that architecture, where one exists.", "",
-           "| | model | architecture | parameters | loss | epochs | test accuracy | test loss | training time "
-           "| images/s | published | vs published |",
-           "|---|---|---|--:|---|--:|--:|--:|--:|--:|--:|--:|"]
+           "alone, on this machine.", "",
+           "| | model | architecture | parameters | loss | recipe | epochs | test accuracy | test loss "
+           "| training time | images/s |",
+           "|---|---|---|--:|---|---|--:|--:|--:|--:|--:|"]
     for r in rows:
-        pub = r["published"]
-        delta = f"{100 * (r['test_accuracy'] - pub):+.2f} pp" if pub is not None else ""
-        name = f"**{r['model']}**" if r["best"] else r["model"]
-        out.append(f"| {'★ best' if r['best'] else ''} | {name} | {r['arch']} | {r['n_parameters']:,} | {r['loss']} "
-                   f"| {r['epochs']} | {100 * r['test_accuracy']:.2f}% | {r['test_loss']:.4f} "
-                   f"| {plots.seconds(r['train_time_s'])} | {r['images_per_s']:,.0f} "
-                   f"| {'' if pub is None else f'{100 * pub:.2f}%'} | {delta} |")
-    out += ["", "pp: percentage points.", ""]
+        name = f"**{r['model']}**" if r is best else r["model"]
+        out.append(f"| {'★ best' if r is best else ''} | {name} | {r['arch']} | {r['n_parameters']:,} | {r['loss']} "
+                   f"| {_recipe(r)} | {r['epochs']} | {100 * r['test_accuracy']:.2f}% | {r['test_loss']:.4f} "
+                   f"| {plots.seconds(r['train_time_s'])} | {r['images_per_s']:,.0f} |")
+    out += ["", *_published_section(rows)]
     if per_class:
         out += [f"## Per class ({best['model']})", "", "| class | precision | recall | F1 |", "|---|--:|--:|--:|"]
         out += [f"| {c} | {s['precision']:.3f} | {s['recall']:.3f} | {s['f1']:.3f} |" for c, s in per_class.items()]
@@ -245,6 +261,40 @@ def _markdown(rows, best, cnn, figures: dict[str, tuple[str, str]], per_class: d
     out += ["## Figures", ""]
     for fname, (heading, caption) in figures.items():
         out += [f"### {heading}", "", caption, "", f"![{heading}](figures/{fname})", ""]
-    if cnn is None:
+    if not any(r["cnn"] for r in rows):
         out += ["No model in `params.yaml` has a convolutional layer, so there is no kernel figure.", ""]
     return "\n".join(out)
+
+
+def _recipe(row: dict[str, Any]) -> str:
+    spec = row["spec"]
+    return "project (no published recipe)" if spec.fallback else spec.recipe
+
+
+def _published_section(rows) -> list[str]:
+    out = ["## Against the published figures", "",
+           "A published figure is set against this run only when the run used the source's recipe "
+           "(`dvc exp run -S recipe=published`); otherwise the table says which recipe produced it. "
+           "Times published by the sources were measured on their machines: shown as published, not compared. "
+           "`*`: a setting the source did not publish (the project's choice, params.yaml `models.M.published`).", "",
+           "| model | source | published recipe | published accuracy | this run | difference | published loss "
+           "| this run | published time |",
+           "|---|---|---|--:|--:|--:|--:|--:|--:|"]
+    for r in rows:
+        f, spec = r["published"], r["spec"]
+        recipe = published.describe_recipe(spec.published, spec.assumed)
+        if f is None:
+            source = next((s.name for s in published.SOURCES if r["arch"] in s.models), "")
+            out.append(f"| {r['model']} | {source or 'ours'} | {recipe} | not published | | | | | |")
+            continue
+        time = f"{f.train_time_s:.2f} s" if f.train_time_s else ""  # as published, to the digit
+        if _comparable(r):
+            diff = f"{100 * (r['test_accuracy'] - f.test_accuracy):+.2f} pp"
+            ours, ours_loss = f"{100 * r['test_accuracy']:.2f}%", f"{r['test_loss']:.4f} (test)"
+        else:
+            diff, ours, ours_loss = f"not compared: this run used the {_recipe(r)} recipe", "", ""
+        out.append(f"| {r['model']} | {f.source} | {recipe} | {100 * f.test_accuracy:.2f}% | {ours} | {diff} "
+                   f"| {f.loss:.4f} ({f.loss_kind}) | {ours_loss} | {time} |")
+    out += ["", "pp: percentage points.", "", "What each source showed, and where it is here:", ""]
+    out += [f"- **{s.name}** ({', '.join(s.models)}): {s.showed}. Here: {s.here}." for s in published.SOURCES]
+    return out + [""]

@@ -20,7 +20,8 @@ from torch import nn
 
 from fmnist import ConfigError, FmnistError
 from fmnist.config import TrainConfig
-from fmnist.core.losses import LossFn
+from fmnist.core.distributed import Group
+from fmnist.core.losses import LossFn, cross_entropy
 from fmnist.core.metrics import score
 from fmnist.core.models import uses_channels_last, worth_bf16
 from fmnist.data import NUM_CLASSES
@@ -127,7 +128,7 @@ def predict(model: nn.Module, split: Split, stats: Stats, *, batch_size: int = V
     device = torch.device(device)
     model.eval()
     out = []
-    for x, _ in BatchLoader(split, batch_size, stats, device=device, channels_last=uses_channels_last(model)):
+    for x, _, _ in BatchLoader(split, batch_size, stats, device=device, channels_last=uses_channels_last(model)):
         with autocast(device, bf16):
             logp = torch.log_softmax(model(x).float(), dim=1)
             if tta_flip:  # average the probabilities of the image and its mirror
@@ -172,13 +173,15 @@ Progress = Callable[[Iterable, int], Iterable]  # (batches, epoch) -> the same b
 
 def fit(model: nn.Module, train: Split, val: Split | None, stats: Stats, cfg: TrainConfig, loss_fn: LossFn, *,
         seed: int, device: torch.device | None = None, on_epoch: EpochCallback | None = None,
-        resume: dict[str, Any] | None = None, progress: Progress | None = None) -> FitResult:
+        resume: dict[str, Any] | None = None, progress: Progress | None = None,
+        group: Group | None = None) -> FitResult:
     """Train ``model`` in place and return its per-epoch history.
 
     Each epoch: train on every batch, validate, record, decide whether to stop. ``val`` may be
     None (the benchmarks train on all 60,000 images): then nothing is validated and early stopping
     is refused. ``on_epoch(row, snapshot)`` is called after every epoch; ``snapshot()`` returns all
-    that ``resume=`` needs to continue from there to the result an uninterrupted run gives.
+    that ``resume=`` needs to continue from there to the result an uninterrupted run gives. With a
+    process ``group`` (torchrun), each rank trains on its slice of every batch, in step.
     """
     if val is None and cfg.patience:
         raise ConfigError("train.patience: early stopping needs a validation split")
@@ -189,7 +192,8 @@ def fit(model: nn.Module, train: Split, val: Split | None, stats: Stats, cfg: Tr
     data_rng = torch.Generator().manual_seed(seed)  # batch order and augmentation; weights use torch's own
     a = cfg.augment
     batches = BatchLoader(train, cfg.batch_size, stats, shuffle=True, generator=data_rng, flip=a.flip,
-                          shift=a.shift, erase=a.erase, device=device, channels_last=channels_last)
+                          shift=a.shift, erase=a.erase, device=device, channels_last=channels_last, group=group)
+    trainee = _data_parallel(model, group, cfg.sync_bn, device)
     opt = make_optimizer(model, cfg)
     sched = make_scheduler(opt, cfg, len(batches))
     state = TrainState() if resume is None else _restore(resume, model, opt, sched, data_rng)
@@ -201,14 +205,13 @@ def fit(model: nn.Module, train: Split, val: Split | None, stats: Stats, cfg: Tr
             break
         lr = opt.param_groups[0]["lr"]
         t0 = time.perf_counter()
-        loss, acc = train_epoch(model, progress(batches, epoch) if progress else batches, opt, sched, loss_fn,
-                                device, bf16)
+        loss, acc = train_epoch(trainee, progress(batches, epoch) if progress else batches, opt, sched, loss_fn,
+                                device, bf16, group)
         state.train_time_s += time.perf_counter() - t0
         if not math.isfinite(loss):
             raise TrainingDiverged(f"training loss became {loss} in epoch {epoch}; lower train.lr or use another "
                                    "schedule")
-        v = evaluate(model, val, stats, device=device, bf16=bf16) if val is not None else \
-            {"loss": math.nan, "accuracy": math.nan}
+        v = validate(model, val, stats, device, bf16, group)
         row = {"epoch": epoch, "train_loss": loss, "train_accuracy": acc, "val_loss": v["loss"],
                "val_accuracy": v["accuracy"], "lr": lr,
                "elapsed_s": round(elapsed0 + time.perf_counter() - t_start, 3)}
@@ -226,27 +229,60 @@ def fit(model: nn.Module, train: Split, val: Split | None, stats: Stats, cfg: Tr
 
 
 def train_epoch(model: nn.Module, batches: Iterable, opt: torch.optim.Optimizer, sched, loss_fn: LossFn,
-                device: torch.device, bf16: bool) -> tuple[float, float]:
-    """One pass over the batches: the mean training loss and accuracy over every image."""
+                device: torch.device, bf16: bool, group: Group | None = None) -> tuple[float, float]:
+    """One pass over the batches: the mean training loss and accuracy over every image (of every rank)."""
     model.train()
     # Kept per batch and reduced once per epoch: one tensor call per step, not five.
-    losses, preds, targets = [], [], []
-    for x, y in batches:
+    losses, weights, preds, targets = [], [], [], []
+    for x, y, n_global in batches:
         with autocast(device, bf16):
             out = model(x)
-        loss = loss_fn(out, y)
+        if group is None:  # the batch mean
+            loss, weight = loss_fn(out, y), len(y)
+        else:  # this rank's sum, scaled so that DDP's averaging of gradients gives the global batch mean
+            loss, weight = loss_fn(out, y, reduction="sum") * (group.world / n_global), n_global / group.world
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if sched is not None:
             sched.step()
         losses.append(loss.detach())
+        weights.append(weight)
         preds.append(out.detach().argmax(1))
         targets.append(y)
-    sizes = torch.tensor([len(t) for t in targets], device=device)
-    seen = int(sizes.sum())
-    return (float((torch.stack(losses) * sizes).sum()) / seen,
-            float((torch.cat(preds) == torch.cat(targets)).sum()) / seen)
+    loss_sum = (torch.stack(losses) * torch.tensor(weights, device=device)).sum()
+    totals = torch.tensor([float(loss_sum), float((torch.cat(preds) == torch.cat(targets)).sum()),
+                           float(sum(len(t) for t in targets))], dtype=torch.float64)
+    if group is not None:
+        group.sum(totals)
+    return float(totals[0]) / float(totals[2]), float(totals[1]) / float(totals[2])
+
+
+def validate(model: nn.Module, val: Split | None, stats: Stats, device: torch.device, bf16: bool,
+             group: Group | None = None) -> dict[str, float]:
+    """Loss and accuracy on the validation split; in a group, each rank scores its share and the sums
+    are added up, so every rank gets the exact figures for the whole split."""
+    if val is None:
+        return {"loss": math.nan, "accuracy": math.nan}
+    if group is None:
+        return evaluate(model, val, stats, device=device, bf16=bf16)
+    part = val.take(torch.arange(len(val))[group.shard(len(val))])
+    logp = predict(model, part, stats, device=device, bf16=bf16)
+    totals = group.sum(torch.tensor([cross_entropy(logp, part.labels, reduction="sum").item(),
+                                     float((logp.argmax(1) == part.labels).sum()), float(len(part))],
+                                    dtype=torch.float64))
+    return {"loss": float(totals[0] / totals[2]), "accuracy": float(totals[1] / totals[2])}
+
+
+def _data_parallel(model: nn.Module, group: Group | None, sync_bn: bool, device: torch.device) -> nn.Module:
+    """What trains: the model itself, or in a group the model wrapped for DistributedDataParallel
+    (batch-norm statistics per process unless ``sync_bn``)."""
+    if group is None:
+        return model
+    if sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ids = [device.index if device.index is not None else group.local_rank] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
 def _early_stop(state: TrainState, patience: int) -> bool:

@@ -10,13 +10,17 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 import torch.nn.functional as F
 
+from fmnist import ConfigError
 from fmnist.data import IMAGE_SIZE, NUM_CLASSES, PROCESSED_DIR, DataError
 from fmnist.files import torch_load
+
+if TYPE_CHECKING:
+    from fmnist.core.distributed import Group
 
 REBUILD = "run `dvc repro` (or `fmnist preprocess`) to rebuild it"
 
@@ -78,6 +82,12 @@ def load_split(name: str, root: str | Path = PROCESSED_DIR) -> Split:
     return split
 
 
+def input_stats(scaling: str, root: str | Path = PROCESSED_DIR) -> Stats:
+    """The normalisation a model is trained with: the training split's mean and std (``standard``),
+    or none (``unit``: pixels / 255 in [0, 1], as torchvision's ToTensor gives them)."""
+    return load_stats(root) if scaling == "standard" else Stats(0.0, 1.0)
+
+
 def load_stats(root: str | Path = PROCESSED_DIR) -> Stats:
     path = Path(root) / "stats.json"
     try:
@@ -136,29 +146,36 @@ def random_erase(x: torch.Tensor, p: float, g: torch.Generator, scale: tuple[flo
 
 
 class BatchLoader:
-    """Iterate over a split in batches of normalised float tensors.
+    """Iterate over a split in batches of normalised float tensors: ``(images, labels, n)``, where n
+    is the size of the whole batch.
 
     ``shuffle`` and the augmentations draw from ``generator`` only, so a seeded
     generator makes the batch order and augmentations reproducible (and its
-    state can be saved to resume mid-run).
+    state can be saved to resume mid-run). In a process ``group`` every rank draws the same
+    batches and yields its own slice of each (n stays the whole batch's size).
     """
 
     CHUNK = 8192  # images prepared at once (25 MB as float32)
 
     def __init__(self, split: Split, batch_size: int, stats: Stats, *, shuffle: bool = False,
                  generator: torch.Generator | None = None, flip: bool = False, shift: int = 0,
-                 erase: float = 0.0, device: torch.device | str = "cpu", channels_last: bool = False):
+                 erase: float = 0.0, device: torch.device | str = "cpu", channels_last: bool = False,
+                 group: Group | None = None):
         if (shuffle or flip or shift or erase) and generator is None:
             raise ValueError("shuffling or augmenting needs a generator")
         self.split, self.batch_size, self.stats = split, batch_size, stats
         self.shuffle, self.generator = shuffle, generator
         self.flip, self.shift, self.erase = flip, shift, erase
-        self.device, self.channels_last = torch.device(device), channels_last
+        self.device, self.channels_last, self.group = torch.device(device), channels_last, group
+        if group is not None and 0 < len(split) % batch_size < group.world:
+            raise ConfigError(f"train.batch_size: {batch_size} leaves a last batch of {len(split) % batch_size} "
+                              f"images, too few for {group.world} processes; choose one that leaves 0 or at least "
+                              f"{group.world}")
 
     def __len__(self) -> int:
         return -(-len(self.split) // self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         # Images are converted, augmented and normalised a chunk of batches at a time, and each
         # batch is a view into its chunk: at batch size 32 the per-batch tensor calls would
         # otherwise cost as much as a small model's training step.
@@ -180,4 +197,10 @@ class BatchLoader:
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             for b in range(0, len(y), bs):
-                yield x[b:b + bs], y[b:b + bs]
+                size = min(bs, len(y) - b)
+                part = slice(b, b + size) if self.group is None else _offset(self.group.shard(size), b)
+                yield x[part], y[part], size
+
+
+def _offset(s: slice, by: int) -> slice:
+    return slice(s.start + by, s.stop + by)
