@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from fmnist import runspec
-from fmnist.core import engine, losses, models
+from fmnist.core import device, engine, losses, models
 from fmnist.data import RAW_DIR
 from fmnist.data.idx import read_pair
 from fmnist.data.loader import Split, Stats, pixel_stats
@@ -58,7 +58,7 @@ def machine() -> dict:
     except (OSError, StopIteration):
         pass
     return {"machine": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "bf16_native": engine.cpu_has_native_bf16(), "torch": torch.__version__, "python": platform.python_version()}
+            "bf16_native": device.cpu_has_native_bf16(), "torch": torch.__version__, "python": platform.python_version()}
 
 
 def ensure_raw() -> Path:

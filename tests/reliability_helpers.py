@@ -86,3 +86,22 @@ def runs(db: Path, model: str | None = None) -> list:
     found = c.search_runs([e.experiment_id for e in exps], where, max_results=1000,
                           order_by=["attributes.start_time ASC"]) if exps else []
     return list(found)
+
+
+def wait_for_http(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    """Until GET ``url`` answers 200. AssertionError if ``proc`` (the server) exits or time runs out."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"the server exited ({proc.returncode}) while starting")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{url} did not answer within {timeout:.0f} s")
+        time.sleep(0.25)

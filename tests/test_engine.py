@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fmnist.core import engine, losses, models
+from fmnist.core import device, engine, losses, models
 from fmnist.config import AugmentConfig, ConfigError, FocalConfig, TrainConfig
 from fmnist.data.loader import BatchLoader, Split, Stats, normalize, random_erase, random_flip, random_shift, to_float
 
@@ -226,15 +226,15 @@ def test_augmentation_changes_training_and_is_seeded():
     (False, "auto", False), (False, "fp32", False), (False, "bf16", ConfigError),
 ])
 def test_precision_selection(monkeypatch, native, precision, want):
-    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: native)
     cpu = torch.device("cpu")
     if want is ConfigError:
         with pytest.raises(ConfigError, match="train.precision"):
-            engine.use_bf16(precision, cpu)
+            device.use_bf16(precision, cpu)
         with pytest.raises(ConfigError, match="train.precision"):
             fit(precision=precision, epochs=1)
     else:
-        assert engine.use_bf16(precision, cpu) is want
+        assert device.use_bf16(precision, cpu) is want
         # bf16 runs emulated where it is not native
         _, result = fit(arch="tinyvgg", hparams={"hidden_units": 2}, precision=precision, epochs=1)
         assert result.bf16 is want and math.isfinite(result.history[0]["train_loss"])
@@ -245,17 +245,17 @@ def test_precision_selection(monkeypatch, native, precision, want):
     ("mlp512", {"hidden": 512}, True), ("tinyvgg", {"hidden_units": 10}, True),
 ])
 def test_auto_precision_keeps_tiny_fully_connected_nets_in_fp32(monkeypatch, arch, hparams, want):
-    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
     model = models.build(arch, hparams)
-    assert engine.use_bf16("auto", torch.device("cpu"), model) is want
-    assert engine.use_bf16("bf16", torch.device("cpu"), model) is True  # asked for explicitly: honoured
+    assert device.use_bf16("auto", torch.device("cpu"), model) is want
+    assert device.use_bf16("bf16", torch.device("cpu"), model) is True  # asked for explicitly: honoured
 
 
 def test_native_bf16_probe_agrees_with_cpuinfo():
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     if " amx_bf16" in flags or " avx512_bf16" in flags:
-        assert engine.cpu_has_native_bf16()
-    assert isinstance(engine.cpu_has_native_bf16(), bool)
+        assert device.cpu_has_native_bf16()
+    assert isinstance(device.cpu_has_native_bf16(), bool)
 
 
 def test_device_selection():

@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -25,7 +24,7 @@ from fmnist import checkpoint
 from fmnist.tracking import registry
 from fmnist.commands import predict, report
 from fmnist.data.loader import load_split
-from reliability_helpers import env, make_repo, runs
+from reliability_helpers import env, make_repo, runs, wait_for_http
 
 SETS = ("train.subset=300", "train.epochs=1", "train.batch_size=50", "models.tinyvgg.hidden_units=4")
 
@@ -186,17 +185,7 @@ def test_mlflow_models_serve_answers_like_predict(trained, store):
                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None, server.communicate()[0][-3000:]
-            assert time.monotonic() < deadline, "mlflow models serve did not answer /ping in 120 s"
-            time.sleep(0.5)
+        wait_for_http(f"{base}/ping", server, timeout=120)
 
         test = load_split("test", root / "data/processed")
         x = test.images[:20]

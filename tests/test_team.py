@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +28,8 @@ from mlflow import MlflowClient
 from conftest import REAL_DATA
 from fmnist.core import engine
 from fmnist.tracking import registry
-from reliability_helpers import REPO, closed_port, env, make_repo, start, temp_files, wait_for_versions
+from reliability_helpers import (REPO, closed_port, env, make_repo, start, temp_files, wait_for_http,
+                                 wait_for_versions)
 
 BIN = Path(sys.executable).parent  # fmnist, dvc and mlflow of this environment: the stages call `fmnist`
 SERVER_START_S = 120.0
@@ -91,22 +91,11 @@ class MlflowServer:
             self.proc = subprocess.Popen(cmd, cwd=self.root, stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=subprocess.STDOUT, start_new_session=True,
                                          env=env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                rc = self.proc.returncode
-                self.stop()
-                raise AssertionError(f"mlflow server exited ({rc}) while starting:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"mlflow server not up within {timeout:.0f} s:\n{self.log_tail()}")
-            time.sleep(0.25)
+        try:
+            wait_for_http(f"{self.uri}/health", self.proc, timeout)
+        except AssertionError as e:
+            self.stop()
+            raise AssertionError(f"mlflow server: {e}:\n{self.log_tail()}") from None
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
         """Stop the whole process group: ``sig``, then SIGKILL for whatever is left after ``timeout``."""

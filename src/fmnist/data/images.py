@@ -100,8 +100,8 @@ def to_model_input(gray):
     return ImageOps.autocontrast(small)  # background to black, the brightest pixel to white
 
 
-def to_tensor(images) -> "torch.Tensor":
-    """28x28 mode-"L" PIL images -> (N, 28, 28) uint8, as the data set holds them."""
+def to_tensor(images):
+    """28x28 mode-"L" PIL images -> a (N, 28, 28) uint8 tensor, as the data set holds them."""
     import torch
 
     return torch.stack([torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(SIZE, SIZE)
