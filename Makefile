@@ -5,13 +5,14 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup pipeline test smoke exps bench plots ui clean help
+.PHONY: setup pipeline test smoke exps bench serve plots ui clean help
 
 help:
 	@echo "make pipeline   set up .venv, then dvc repro (download, preprocess, train, evaluate, report)"
 	@echo "make test       set up .venv, then run the test suite"
 	@echo "make smoke      the whole pipeline on the smoke profile (3,000 images, 1 epoch), a few minutes"
 	@echo "make bench      the benchmarks against the published recipe (results: README.md, Benchmarks)"
+	@echo "make serve      the champion model over HTTP on http://127.0.0.1:5001 (mlflow models serve)"
 	@echo "make exps       dvc exp show, only the columns that matter"
 	@echo "make ui         the MLflow UI on http://127.0.0.1:5000"
 
@@ -34,12 +35,16 @@ test: $(STAMP)
 smoke: $(STAMP)
 	$(BIN)/dvc exp run --temp $$($(BIN)/python .ci/repro_check.py smoke --print)
 
-EXP_COLUMNS := Experiment|Created|State|loss|train\.lr|train\.epochs|.*:epochs|.*:test_accuracy|.*:test_loss|.*:train_time_s
+EXP_COLUMNS := Experiment|Created|State|loss|recipe|train\.lr|train\.epochs|.*:epochs|.*:test_accuracy|.*:test_loss|.*:train_time_s
 exps: $(STAMP)
 	$(BIN)/dvc exp show --drop '.*' --keep '$(EXP_COLUMNS)'
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
+
+serve: $(STAMP)
+	MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/mlflow.db $(BIN)/mlflow models serve \
+	    -m "models:/fashion-mnist@champion" --env-manager local -p 5001
 
 plots: $(STAMP)
 	$(BIN)/dvc plots show

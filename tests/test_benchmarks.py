@@ -12,7 +12,7 @@ from fmnist.data.loader import normalize, to_float
 
 def test_best_configurations_are_a_short_schedule_and_params_yaml():
     (b1, a1, short), (b5, a5, long) = bench.best_configs("params.yaml")
-    assert (b1, a1, b5, a5) == (1.0, 0.93, 5.0, 0.94)
+    assert (b1, a1, b5, a5) == (1.0, 0.94, 10.0, 0.95)
     assert long == specs()["fmnet"]
     assert short.hparams == {"widths": [16, 32, 64], "stem": 0}
     assert (short.train.epochs, short.train.lr, short.train.augment.shift) == (6, 0.008, 0)
@@ -30,8 +30,11 @@ def test_same_recipe_is_the_published_one():
 
 
 def test_same_recipe_inputs_are_what_totensor_gives_the_reference():
+    from fmnist.data.loader import input_stats
+
+    assert bench.same_recipe("tinyvgg").train.input_scaling == "unit"
     images = torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8)
-    ours = normalize(to_float(images, "cpu"), bench.RECIPE_STATS)
+    ours = normalize(to_float(images, "cpu"), input_stats("unit"))
     theirs = torch.stack([ToTensor()(img.numpy()) for img in images])
     torch.testing.assert_close(ours, theirs)
 
@@ -48,3 +51,17 @@ def test_seeds_pool_into_total_time_overall_throughput_and_mean_accuracy():
 def test_unknown_part_is_refused():
     with pytest.raises(SystemExit):
         bench.main(["--only", "resnet"])
+
+
+def test_peak_counts_flops_and_measures_a_training_step():
+    from benchmarks import peak
+    from fmnist.data.loader import Split, Stats
+
+    spec = specs()["linear"]
+    flops = peak.flops_per_image(spec)
+    # forward 2 x (784*10 + 10*10); backward: the weight gradients of both layers, and the input
+    # gradient of the second only (the images need none)
+    assert flops == 2 * (784 * 10 + 10 * 10) + 2 * 784 * 10 + 2 * 2 * 10 * 10
+    train = Split(torch.randint(0, 256, (512, 28, 28), dtype=torch.uint8), torch.arange(512) % 10, torch.arange(512))
+    ips, bf16 = peak.training_throughput(spec, train, Stats(0.3, 0.3))
+    assert ips > 0 and bf16 is False

@@ -23,9 +23,10 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 SETS = ["--set", "train.subset=400", "--set", "train.epochs=2", "--set", "train.batch_size=50"]
 
 
-def train(repo: Path, *args: str, launcher: list[str] | None = None, **extra_env: str) -> subprocess.CompletedProcess:
+def train(repo: Path, model: str, *args: str, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    """`fmnist train MODEL` with SETS, then ``args`` (which win over SETS)."""
     cmd = launcher or [sys.executable, "-m", "fmnist"]
-    return subprocess.run([*cmd, "train", *args, "--no-progress", *SETS], cwd=repo, env=env(**extra_env),
+    return subprocess.run([*cmd, "train", model, "--no-progress", *SETS, *args], cwd=repo, env=env(),
                           capture_output=True, text=True, timeout=600)
 
 
@@ -103,3 +104,27 @@ def test_a_killed_worker_stops_the_run_and_leaves_nothing(tmp_path, processed_di
     assert not (repo / "models/linear.pt").exists() and not (repo / "reports").exists()
     assert temp_files(repo) == []
     assert [r.info.status for r in runs(repo / "mlflow.db", "linear")] in (["KILLED"], ["FAILED"])
+
+
+def test_an_interrupted_distributed_run_resumes_to_the_uninterrupted_result(tmp_path, processed_dir):
+    sets = ["--set", "train.batch_size=10", "--set", "train.epochs=6"]
+    whole = make_repo(tmp_path / "whole", processed_dir)
+    res = train(whole, "linear", "--nproc", "2", *sets)
+    assert res.returncode == 0, res.stderr
+
+    repo = make_repo(tmp_path / "repo", processed_dir)
+    proc = start(["train", "linear", "--nproc", "2", "--no-progress", *SETS, *sets], repo)
+    try:
+        wait_for_versions(repo / "models/linear.resume.pt", 2, proc, timeout=120)  # two epochs done
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: torchrun stops its workers
+        proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not (repo / "models/linear.pt").exists() and (repo / "models/linear.resume.pt").exists()
+    res = train(repo, "linear", "--nproc", "2", "--resume", *sets)
+    assert res.returncode == 0, res.stderr
+    assert "resume: continuing from epoch" in res.stderr
+    for k, v in weights(whole, "linear").items():
+        torch.testing.assert_close(weights(repo, "linear")[k], v, rtol=0, atol=1e-6)
+    assert [r.info.status for r in runs(repo / "mlflow.db", "linear")] == ["FINISHED"]  # the same run went on

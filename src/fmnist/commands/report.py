@@ -109,7 +109,7 @@ def run(specs: dict[str, RunSpec]) -> Path:
          "Test accuracy and training time per model, best first; a black mark is the figure its source "
          "published, where this run used the source's recipe.")
     save(plots.loss_curves({r["model"]: r["history"] for r in _in_params_order(rows, specs)},
-                           {r["model"]: LOSS_NAMES[r["loss"]] for r in rows}),
+                           {r["model"]: _loss_name(r["spec"]) for r in rows}),
          "loss_curves.png", "Loss curves",
          "Training loss (the loss each model trained on) and validation loss (always cross-entropy) per epoch.")
     save(_samples(load_split("train", processed)), "data_samples.png", "The data",
@@ -147,6 +147,11 @@ def run(specs: dict[str, RunSpec]) -> Path:
 
     registry.promote(best["spec"], checkpoint.read(_need(best["spec"].paths.model))[0].run_id, best["test_accuracy"])
     return REPORT
+
+
+def _loss_name(spec: RunSpec) -> str:
+    smoothing = spec.train.label_smoothing
+    return LOSS_NAMES[spec.loss] + (f", smoothed {smoothing:g}" if smoothing else "")
 
 
 def _in_params_order(rows: list[dict[str, Any]], specs: dict[str, RunSpec]) -> list[dict[str, Any]]:

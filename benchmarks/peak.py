@@ -1,0 +1,152 @@
+"""How close each model's training comes to what this machine can do, and what torch.compile buys.
+
+- ``peak``: the machine's peak, a large matmul timed in fp32 and in bf16 in this run; for every model
+  of params.yaml, the FLOPs of one training image (forward and backward, counted by
+  ``torch.utils.flop_counter``) times its measured training throughput, as a fraction of that peak.
+- ``compile``: torch.compile's compile time, cold (an empty inductor cache) and warm (the cache of
+  the cold run, as ``TORCHINDUCTOR_FX_GRAPH_CACHE`` keeps it between runs), and its training
+  throughput against eager mode, for the conv nets; each in a fresh process.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+from torch import nn
+
+from fmnist.core import device, engine, losses, models
+from fmnist.data.loader import BatchLoader, Split, Stats
+from fmnist.runspec import RunSpec
+
+MATMUL = 2048
+STEPS = 25  # timed training steps per model, after WARMUP
+WARMUP = 5
+COMPILED = ("tinyvgg", "fashionnet", "cnn_bn", "fmnet")
+
+
+def peak_gflops(dtype: torch.dtype, n: int = MATMUL, repeat: int = 10) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        a @ b
+    return 2 * n ** 3 * repeat / (time.perf_counter() - t0) / 1e9
+
+
+def _step_fn(spec: RunSpec, model: nn.Module, bf16: bool):
+    loss_fn = losses.make_loss(spec.loss, spec.focal, spec.train.label_smoothing)
+    opt = engine.make_optimizer(model, spec.train)
+    dev = torch.device("cpu")
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        with device.autocast(dev, bf16):
+            out = model(x)
+        loss = loss_fn(out, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def flops_per_image(spec: RunSpec, batch: int = 64) -> float:
+    """Forward and backward FLOPs of one training image (FlopCounterMode counts matmuls and convs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = models.build(spec.arch, spec.hparams).train()
+    x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+    with FlopCounterMode(display=False) as counter:
+        losses.make_loss(spec.loss, spec.focal)(model(x), y).backward()
+    return counter.get_total_flops() / batch
+
+
+def training_throughput(spec: RunSpec, train: Split, stats: Stats) -> tuple[float, bool]:
+    """Images per second of the core's training step on this model's batch size, and whether in bf16."""
+    engine.seed_everything(0)
+    model = models.build(spec.arch, spec.hparams)
+    bf16 = device.use_bf16(spec.train.precision, torch.device("cpu"), model)
+    cl = models.uses_channels_last(model)
+    model = model.to(memory_format=torch.channels_last) if cl else model
+    model.train()
+    step = _step_fn(spec, model, bf16)
+    loader = BatchLoader(train, spec.train.batch_size, stats, shuffle=True, generator=torch.Generator(),
+                         channels_last=cl)
+    epochs = itertools.chain.from_iterable(itertools.repeat(loader))  # as many epochs as it takes
+    batches = [(x, y) for x, y, _ in itertools.islice(epochs, WARMUP + STEPS)]
+    for x, y in batches[:WARMUP]:
+        step(x, y)
+    t0 = time.perf_counter()
+    for x, y in batches[WARMUP:]:
+        step(x, y)
+    return sum(len(y) for _, y in batches[WARMUP:]) / (time.perf_counter() - t0), bf16
+
+
+def peak_report(specs: dict[str, RunSpec], train: Split, stats: Stats) -> list[dict]:
+    peak = {"fp32": peak_gflops(torch.float32), "bf16": peak_gflops(torch.bfloat16)}
+    rows = []
+    for name, spec in specs.items():
+        ips, bf16 = training_throughput(spec, train, stats)
+        flops = flops_per_image(spec)
+        achieved = flops * ips / 1e9
+        kind = "bf16" if bf16 else "fp32"
+        rows.append({"model": name, "batch_size": spec.train.batch_size, "precision": kind,
+                     "mflop_per_image": round(flops / 1e6, 2), "images_per_s": round(ips),
+                     "gflop_per_s": round(achieved, 1), "fraction_of_peak": round(achieved / peak[kind], 3)})
+    return [{"peak_gflop_per_s": {k: round(v, 1) for k, v in peak.items()}, "matmul": f"{MATMUL}x{MATMUL}"}, *rows]
+
+
+# --------------------------------------------------------------------------- torch.compile, in fresh processes
+
+def compile_report(specs: dict[str, RunSpec]) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TORCHINDUCTOR_FX_GRAPH_CACHE": "1"}
+        for name in COMPILED:
+            if name not in specs:
+                continue
+            runs = {}
+            for kind in ("eager", "cold", "warm"):
+                res = subprocess.run([sys.executable, "-m", "benchmarks.peak", name, kind], env=env,
+                                     capture_output=True, text=True)
+                if res.returncode != 0:
+                    raise SystemExit(f"torch.compile of {name} ({kind}) failed:\n{res.stderr[-2000:]}")
+                runs[kind] = json.loads(res.stdout.strip().splitlines()[-1])
+            rows.append({"model": name, "compile_s_cold": runs["cold"]["first_step_s"],
+                         "compile_s_warm": runs["warm"]["first_step_s"],
+                         "images_per_s_eager": runs["eager"]["images_per_s"],
+                         "images_per_s_compiled": runs["warm"]["images_per_s"],
+                         "compiled_over_eager": round(runs["warm"]["images_per_s"] / runs["eager"]["images_per_s"], 2)})
+    return rows
+
+
+def _compile_one(name: str, kind: str) -> None:
+    """One process: the model's first training step (compiling, unless eager) and its throughput."""
+    from fmnist import runspec
+
+    spec = runspec.load()[name]
+    torch.manual_seed(0)
+    model = models.build(spec.arch, spec.hparams).to(memory_format=torch.channels_last).train()
+    step = _step_fn(spec, model if kind == "eager" else torch.compile(model), False)
+    bs = spec.train.batch_size
+    x = torch.randn(bs, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (bs,))
+    t0 = time.perf_counter()
+    step(x, y)
+    first = time.perf_counter() - t0
+    for _ in range(WARMUP):
+        step(x, y)
+    t0 = time.perf_counter()
+    for _ in range(STEPS):
+        step(x, y)
+    print(json.dumps({"first_step_s": round(first, 1), "images_per_s": round(bs * STEPS / (time.perf_counter() - t0))}))
+
+
+if __name__ == "__main__":
+    _compile_one(*sys.argv[1:3])
