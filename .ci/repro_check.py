@@ -3,7 +3,7 @@
   lock         the committed dvc.lock still matches the committed code and params
   smoke        rewrite params.yaml into the smoke profile (or --print the `dvc exp run -S` set)
   noop         a second `dvc repro` runs no stage, within 5 seconds
-  force STAGE  `dvc repro --force` of one train stage gives identical metrics
+  force STAGE  `dvc repro --force` of one train stage gives identical metrics and weights
   runcache     evaluation settings retrain nothing; after `dvc exp run -S loss=focal`, going back to
                `-S loss=ce` restores every train and evaluate stage from DVC's run-cache, within 60 s
 """
@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 import yaml
 
 SMOKE_SUBSET = 3000
@@ -105,22 +106,36 @@ def noop() -> int:
 
 
 def force(stage: str) -> int:
+    """Force one train stage: the same metrics and bit-identical weights. The checkpoint file itself
+    differs (it names its new MLflow run), so its dependents are brought up to date afterwards,
+    as a user would, leaving the workspace (and the run-cache) consistent for the next checks."""
+    from fmnist import checkpoint
     from fmnist.runspec import RunPaths
 
-    path = RunPaths.of(stage.split("@", 1)[1]).train_metrics
-    before = json.loads(path.read_text())
+    paths = RunPaths.of(stage.split("@", 1)[1])
+    before, (_, weights_before) = json.loads(paths.train_metrics.read_text()), checkpoint.read(paths.model)
     res = dvc("repro", "--force", "--single-item", stage)
     if res.returncode != 0:
         print(res.stdout + res.stderr, file=sys.stderr)
         return 1
-    after = json.loads(path.read_text())
+    after, (_, weights_after) = json.loads(paths.train_metrics.read_text()), checkpoint.read(paths.model)
     diff = {k: (before.get(k), after.get(k)) for k in before.keys() | after.keys()
             if k not in TIMING_KEYS and before.get(k) != after.get(k)}
     if diff:
         print(f"force: {stage} forced again gave different metrics: {diff}", file=sys.stderr)
         return 1
-    print(f"force: {stage} forced again gave identical metrics "
+    changed = [k for k in weights_before.keys() | weights_after.keys()
+               if k not in weights_before or k not in weights_after
+               or not torch.equal(weights_before[k], weights_after[k])]
+    if changed:
+        print(f"force: {stage} forced again gave different weights: {sorted(changed)}", file=sys.stderr)
+        return 1
+    print(f"force: {stage} forced again gave identical weights ({len(weights_after)} tensors) and metrics "
           f"({', '.join(f'{k}={v}' for k, v in after.items() if k not in TIMING_KEYS)})")
+    res = dvc("repro")
+    if res.returncode != 0:
+        print(f"force: `dvc repro` after the forced stage failed:\n{res.stdout + res.stderr}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -62,7 +62,7 @@ def machine() -> dict:
 def ensure_raw() -> Path:
     raw = Path(RAW_DIR)
     if not all((raw / f.name).is_file() for f in FILES):
-        from fmnist.stages import download
+        from fmnist.commands import download
 
         download.run(progress=False)
     return raw
