@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -28,9 +29,9 @@ import torch
 
 from benchmarks.run import emit, machine
 from fmnist import tracking
-from fmnist.tracking import registry
 from fmnist.commands import predict
 from fmnist.data.loader import load_split
+from fmnist.tracking import registry
 
 REQUESTS = 200
 BATCH = 256
@@ -47,8 +48,11 @@ def _free_port() -> int:
 def _post(url: str, images: np.ndarray) -> np.ndarray:
     body = json.dumps({"inputs": images.tolist()}).encode()
     req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=120) as r:
-        return np.asarray(json.loads(r.read())["predictions"], dtype=np.float32)
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return np.asarray(json.loads(r.read())["predictions"], dtype=np.float32)
+    except urllib.error.HTTPError as e:
+        raise SystemExit(f"the server answered {e.code}: {e.read().decode(errors='replace')[-3000:]}") from None
 
 
 def _latencies(call, images: np.ndarray, n: int) -> list[float]:
@@ -90,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = Path("models") / f"{tracking.run_tags(_champion_run())['model']}.pt"
 
     in_process = {"pyfunc": model.predict,
-                  "fmnist predict (checkpoint)": lambda x: predict.probabilities(checkpoint, torch.from_numpy(x))[0]}
+                  # its contract: uint8 images (it normalises a copy of them in place)
+                  "fmnist predict (checkpoint)": lambda x: predict.probabilities(checkpoint,
+                                                                                 torch.from_numpy(x).to(torch.uint8))[0]}
     results = {name: _summary(_latencies(call, images, REQUESTS), _throughput(call, images))
                for name, call in in_process.items()}
 
