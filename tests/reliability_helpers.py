@@ -70,7 +70,8 @@ def temp_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob(".*.tmp"))
 
 
-def closed_port() -> int:
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on: for a server to start on, or to find closed."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

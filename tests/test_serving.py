@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -24,7 +23,7 @@ from fmnist import checkpoint
 from fmnist.tracking import registry
 from fmnist.commands import predict, report
 from fmnist.data.loader import load_split
-from reliability_helpers import env, make_repo, runs, wait_for_http
+from reliability_helpers import env, free_port, make_repo, runs, wait_for_http
 
 SETS = ("train.subset=300", "train.epochs=1", "train.batch_size=50", "models.tinyvgg.hidden_units=4")
 
@@ -154,12 +153,6 @@ def test_predict_takes_a_model_uri(trained, store, capsys, restore_sigterm):
 
 
 # --------------------------------------------------------------------------- mlflow models serve, for real
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def post(url: str, body: dict) -> tuple[int, dict]:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})

@@ -28,7 +28,7 @@ from mlflow import MlflowClient
 from conftest import REAL_DATA
 from fmnist.core import engine
 from fmnist.tracking import registry
-from reliability_helpers import (REPO, closed_port, env, make_repo, start, temp_files, wait_for_http,
+from reliability_helpers import (REPO, env, free_port, make_repo, start, temp_files, wait_for_http,
                                  wait_for_versions)
 
 BIN = Path(sys.executable).parent  # fmnist, dvc and mlflow of this environment: the stages call `fmnist`
@@ -63,7 +63,7 @@ class MlflowServer:
     def __init__(self, root: Path):
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
-        self.port = closed_port()
+        self.port = free_port()
         self.proc: subprocess.Popen | None = None
 
     @property

@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 
 from fmnist import tracking
 from fmnist.core import engine
-from reliability_helpers import closed_port, make_repo, start
+from reliability_helpers import free_port, make_repo, start
 
 HTTP_SETTINGS = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT",
                  "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR")
@@ -58,7 +58,7 @@ def tree(root: Path) -> list[str]:
 
 
 def test_unreachable_server_fails_fast_before_training(repo, fmnist, monkeypatch):
-    uri = f"http://127.0.0.1:{closed_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     before = tree(repo)
     rc, err, took = fmnist("train", "linear", "--set", "train.epochs=1")
