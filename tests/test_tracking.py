@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import subprocess
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from fmnist import checkpoint, tracking
 from fmnist.commands import evaluate, train
 from fmnist.config import EvalConfig, TrainConfig
 from fmnist.core import losses, models
+from fmnist.data.loader import load_split
 from reliability_helpers import make_repo
 
 SETS = ["train.epochs=2", "train.subset=200", "train.batch_size=50"]
@@ -110,6 +112,33 @@ def test_run_without_git_or_dvc_has_no_such_tags(repo, monkeypatch):
     assert run.info.run_name == "linear-ce" and run.data.tags["loss"] == "ce"
     assert "dvc_exp_name" not in run.data.tags and "mlflow.source.git.commit" not in run.data.tags
     assert "focal.gamma" not in run.data.params  # focal params only when the loss is focal
+
+
+def test_the_run_records_the_splits_it_trained_on_with_dvcs_hash(repo, monkeypatch):
+    import hashlib
+
+    import yaml
+
+    def inputs(run) -> dict:
+        return {(d.dataset.name, d.dataset.digest, json.loads(d.dataset.source)["uri"], json.loads(d.dataset.profile)[
+            "num_rows"]): {t.key: t.value for t in d.tags}["mlflow.data.context"] for d in run.inputs.dataset_inputs}
+
+    spec = load()
+    train.run(spec)  # by hand: the MD5 of the training file
+    md5 = hashlib.md5((repo / "data/processed/train.pt").read_bytes()).hexdigest()
+    n_val = len(load_split("val", repo / "data/processed"))
+    [by_hand] = runs(repo / "mlflow.db")
+    assert inputs(by_hand) == {("fashion-mnist-train", md5, "data/processed/train.pt", 200): "train",
+                               ("fashion-mnist-validation", md5, "data/processed/train.pt", n_val): "validation"}
+
+    (repo / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"preprocess": {"outs": [
+        {"path": "data/processed", "hash": "md5", "md5": "0123456789abcdef0123456789abcdef.dir"}]}}}))
+    monkeypatch.setenv("DVC_STAGE", "train@linear")  # under `dvc repro`: the hash dvc.lock records
+    train.run(spec)
+    under_dvc = next(r for r in runs(repo / "mlflow.db") if r.info.run_id != by_hand.info.run_id)
+    assert inputs(under_dvc) == {
+        ("fashion-mnist-train", "0123456789abcdef0123456789abcdef.dir", "data/processed", 200): "train",
+        ("fashion-mnist-validation", "0123456789abcdef0123456789abcdef.dir", "data/processed", n_val): "validation"}
 
 
 def test_queued_experiment_copy_logs_to_the_real_root(repo, processed_dir, monkeypatch):

@@ -112,10 +112,12 @@ class Run:
         self._call(lambda: self.client.log_figure(self.run_id, fig, name))
 
     def log_input(self, name: str, digest: str, source: dict[str, Any], context: str, rows: int) -> None:
-        """Lineage: the run trained on this data set (``digest``: DVC's hash of it), in this role."""
+        """Lineage: the run used data set ``name`` (``digest``: DVC's hash of it) as ``context`` (train,
+        validation). A run keeps one input per name and digest (MLflow drops the rest), so each split is
+        a data set of its own, NAME-CONTEXT, tagged with its context."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
-        ds = Dataset(name=name, digest=digest, source_type="local", source=json.dumps(source),
+        ds = Dataset(name=f"{name}-{context}", digest=digest, source_type="local", source=json.dumps(source),
                      profile=json.dumps({"num_rows": rows}))
         self._call(lambda: self.client.log_inputs(self.run_id, datasets=[
             DatasetInput(ds, [InputTag("mlflow.data.context", context)])]))
