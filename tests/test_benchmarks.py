@@ -65,3 +65,26 @@ def test_peak_counts_flops_and_measures_a_training_step():
     train = Split(torch.randint(0, 256, (512, 28, 28), dtype=torch.uint8), torch.arange(512) % 10, torch.arange(512))
     ips, bf16 = peak.training_throughput(spec, train, Stats(0.3, 0.3))
     assert ips > 0 and bf16 is False
+
+
+def test_model_logging_times_the_additions_in_the_stage_or_switches_them_all_off(repo, restore_sigterm):
+    from mlflow import MlflowClient
+
+    from benchmarks import model_logging
+    from fmnist.tracking import registry, runs
+
+    sets = [a for s in ("train.subset=300", "train.epochs=1", "train.batch_size=50") for a in ("--set", s)]
+    rc, times = model_logging.stage("linear", sets, without=False)
+    assert rc == 0 and set(times) == {"log_model_s", "lineage_s", "system_metrics_s"}
+    assert all(t > 0 for t in times.values())
+    rc, switched_off = model_logging.stage("linear", sets, without=True)
+    assert rc == 0 and switched_off == {}
+    assert registry.log_model.__module__ == registry.__name__ and runs.Run.log_input.__qualname__ == "Run.log_input"
+
+    c = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    exp = c.get_experiment_by_name("fashion-mnist").experiment_id
+    with_all, reference = sorted(c.search_runs([exp]), key=lambda r: r.info.start_time)
+    for run, logged in ((with_all, True), (reference, False)):
+        assert run.info.status == "FINISHED" and "test_accuracy" not in run.data.metrics
+        models = run.outputs.model_outputs if run.outputs else []
+        assert (len(models), len(run.inputs.dataset_inputs)) == ((1, 2) if logged else (0, 0))
