@@ -14,25 +14,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.run import emit, machine
+from benchmarks.run import emit, machine, scratch_repo
 
 RUNS = {"tinyvgg": [], "fmnet": ["--set", "models.fmnet.train.epochs=1"]}
 AGREE_POINTS = 0.5
 
 
 def side(root: Path, model: str, nproc: int, sets: list[str]) -> dict:
-    work = root / f"{model}-{nproc}"
-    work.mkdir()
-    for name in ("params.yaml", "dvc.yaml"):
-        shutil.copy(name, work / name)
-    (work / "data").mkdir()
-    (work / "data/processed").symlink_to(Path("data/processed").resolve())
+    work = scratch_repo(root / f"{model}-{nproc}")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     for cmd in (["train", model, "--no-progress", "--nproc", str(nproc), *sets], ["evaluate", model, *sets]):
         res = subprocess.run([sys.executable, "-m", "fmnist", *cmd], cwd=work, env=env, capture_output=True, text=True)

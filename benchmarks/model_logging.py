@@ -3,7 +3,7 @@
     python -m benchmarks.model_logging [--only fmnet,tinyvgg] [--epochs 1] [--subset 6000]
 
 `dvc repro` runs each train stage as a fresh process, so this does too: `fmnist train MODEL` in a
-scratch workspace (this repository's params.yaml and data/processed, fresh SQLite stores), for each
+scratch copy of the repository (its params.yaml and data/processed, fresh SQLite stores), for each
 model twice, one after the other (which goes first alternates): once as the pipeline runs it, and
 once with what serving added switched off (the MLflow Model, the lineage inputs and the
 system-metrics sampler): the reference.
@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.run import emit, machine
+from benchmarks.run import emit, machine, scratch_repo
 
 PER_MODEL_BUDGET_S = 5.0
 PIPELINE_BUDGET_S = 40.0
@@ -79,13 +79,6 @@ def stage(model: str, argv: list[str], without: bool) -> tuple[int, dict[str, fl
 
 # --------------------------------------------------------------------------- the comparison
 
-def _scratch(root: Path, processed: Path) -> Path:
-    (root / "data").mkdir(parents=True)
-    (root / "data" / "processed").symlink_to(processed.resolve())
-    (root / "params.yaml").write_text(Path("params.yaml").read_text())
-    return root
-
-
 def _run_stage(model: str, argv: list[str], ws: Path, store: str, without: bool) -> tuple[float, dict]:
     out = ws / f"{model}.{'without' if without else 'with'}.json"
     env = {**os.environ, "MLFLOW_TRACKING_URI": store,
@@ -101,9 +94,8 @@ def _run_stage(model: str, argv: list[str], ws: Path, store: str, without: bool)
 
 
 def _registration(store: str) -> dict:
-    """The report stage's part: register the best of the runs as the champion (the first time, so the
-    registered model is created too) as the report does, timed with MLflow already imported, as the
-    report has it."""
+    """The report stage's part: register the best of the runs as the champion, as the report does (the
+    first time, so the registered model is created too), timed with MLflow already imported."""
     from fmnist import runspec, tracking
     from fmnist.tracking import registry
 
@@ -149,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     emit({"machine": machine(), "models": models, "epochs": args.epochs, "subset": args.subset})
     rows = []
     with tempfile.TemporaryDirectory(prefix="fmnist-model-logging-") as tmp:
-        ws = _scratch(Path(tmp) / "ws", processed)
+        ws = scratch_repo(Path(tmp) / "ws", processed)
         store_with, store_without = f"sqlite:///{tmp}/with.db", f"sqlite:///{tmp}/without.db"
         for i, model in enumerate(models):  # which side goes first alternates, so neither gets the warmer cache
             first, second = (True, False) if i % 2 == 0 else (False, True)

@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -57,6 +58,16 @@ def machine() -> dict:
         pass
     return {"machine": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "bf16_native": device.cpu_has_native_bf16(), "torch": torch.__version__, "python": platform.python_version()}
+
+
+def scratch_repo(work: Path, processed: Path = Path("data/processed")) -> Path:
+    """``work`` as a scratch copy of this repository for fmnist's stages: params.yaml and dvc.yaml
+    copied, data/processed linked to ``processed``."""
+    (work / "data").mkdir(parents=True)
+    for name in ("params.yaml", "dvc.yaml"):
+        shutil.copy(name, work / name)
+    (work / "data" / "processed").symlink_to(processed.resolve())
+    return work
 
 
 def ensure_raw() -> Path:
