@@ -138,10 +138,11 @@ def core(spec: RunSpec, data: tuple[Split, Split, Stats], seed: int = SEED) -> d
     tc = spec.train
     engine.seed_everything(seed)
     model = models.build(spec.arch, spec.hparams)
+    where = device.place(tc.device, tc.precision, model)
     loss_fn = losses.make_loss(spec.loss, spec.focal, tc.label_smoothing)
-    r = engine.fit(model, train, None, stats, tc, loss_fn, seed=seed)
-    acc = engine.evaluate(model, test, stats, batch_size=spec.evaluate.batch_size, bf16=r.bf16,
-                          tta_flip=spec.evaluate.tta_flip)["accuracy"]
+    r = engine.fit(model, train, None, stats, tc, loss_fn, seed=seed, device=where.device, bf16=where.bf16)
+    acc = engine.evaluate(model, test, stats, batch_size=spec.evaluate.batch_size, device=where.device,
+                          bf16=r.bf16, tta_flip=spec.evaluate.tta_flip)["accuracy"]
     return {"train_s": round(r.train_time_s, 2), "images_per_s": round(r.images_per_s), "test_accuracy": acc,
             "epochs": tc.epochs, "bf16": r.bf16}
 

@@ -40,7 +40,9 @@ def fit(*, arch: str = "linear", hparams: dict | None = None, model_seed: int = 
     """A model initialised from ``model_seed``, trained on TRAIN with ``cfg(**kw)`` and data seed ``seed``."""
     engine.seed_everything(model_seed)
     model = models.build(arch, hparams or {"hidden": 8})
-    result = engine.fit(model, TRAIN, VAL, STATS, cfg(**kw), CE, seed=seed)
+    c = cfg(**kw)
+    where = device.place(c.device, c.precision, model)  # as the train stage chooses, once
+    result = engine.fit(model, TRAIN, VAL, STATS, c, CE, seed=seed, device=where.device, bf16=where.bf16)
     return model, result
 
 
@@ -126,7 +128,7 @@ def test_early_stopping_stops_after_patience_and_restores_the_best(monkeypatch, 
     weights = {}
 
     def on_epoch(row, snapshot):
-        weights[row["epoch"]] = snapshot()["model"]
+        weights[row["epoch"]] = snapshot["model"]
 
     engine.seed_everything(0)
     model = models.build("linear", {"hidden": 8})
@@ -259,11 +261,11 @@ def test_native_bf16_probe_agrees_with_cpuinfo():
 
 
 def test_device_selection():
-    assert engine.select_device("cpu") == torch.device("cpu")
-    assert engine.select_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert device.select_device("cpu") == torch.device("cpu")
+    assert device.select_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="train.device"):
-            engine.select_device("cuda")
+            device.select_device("cuda")
 
 
 # --------------------------------------------------------------------------- determinism

@@ -217,7 +217,7 @@ def test_resume_after_early_stop_does_not_train_on(processed_dir, monkeypatch):
     assert [r["epoch"] for r in full.history] == [1, 2, 3] and full.stopped_early and full.best_epoch == 2
 
     snapshots = {}
-    fit([1.0, 0.5, 0.7], on_epoch=lambda row, snap: snapshots.setdefault(int(row["epoch"]), snap()))
+    fit([1.0, 0.5, 0.7], on_epoch=lambda row, snap: snapshots.setdefault(int(row["epoch"]), snap))
     resumed = fit([0.9, 0.9, 0.9], resume=snapshots[3])  # only epochs trained after the resume would use these
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
     assert resumed.stopped_early and resumed.best_epoch == 2

@@ -1,8 +1,8 @@
 """Model checkpoints: everything needed to rebuild and use a model from the file alone.
 
 A checkpoint holds the weights, the run spec the model was trained with (so evaluate and
-predict use the settings it was made with), the normalisation it expects and whether it
-ran in bf16. It holds tensors and plain values only and is always read with
+predict use the settings it was made with), the normalisation it expects, whether it
+ran in bf16 and the temperature that calibrates its probabilities. It holds tensors and plain values only and is always read with
 ``weights_only=True`` (fmnist.files.torch_load): a file that would unpickle code is refused.
 """
 
@@ -35,14 +35,16 @@ class Checkpoint:
     bf16: bool  # trained (and so evaluated) under bf16 autocast
     classes: tuple[str, ...]
     run_id: str | None  # the MLflow run that trained it
+    temperature: float = 1.0  # divides its log-probabilities to calibrate them (fitted on the validation split)
 
 
-def save(path: str | Path, model: nn.Module, spec: RunSpec, stats: Stats, *, bf16: bool, run_id: str | None) -> None:
+def save(path: str | Path, model: nn.Module, spec: RunSpec, stats: Stats, *, bf16: bool, run_id: str | None,
+         temperature: float = 1.0) -> None:
     torch_save(path, {
         "format": FORMAT, "spec": spec.to_dict(),
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
         "classes": list(CLASSES), "stats": {"mean": stats.mean, "std": stats.std}, "bf16": bf16,
-        "mlflow_run_id": run_id,
+        "mlflow_run_id": run_id, "temperature": float(temperature),
     })
 
 
@@ -59,7 +61,8 @@ def read(path: str | Path) -> tuple[Checkpoint, dict[str, Any]]:
     try:
         ck = Checkpoint(spec=RunSpec.from_dict(raw["spec"]),
                         stats=Stats(float(raw["stats"]["mean"]), float(raw["stats"]["std"])),
-                        bf16=bool(raw["bf16"]), classes=tuple(raw["classes"]), run_id=raw.get("mlflow_run_id"))
+                        bf16=bool(raw["bf16"]), classes=tuple(raw["classes"]), run_id=raw.get("mlflow_run_id"),
+                        temperature=float(raw.get("temperature", 1.0)))
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: its metadata is incomplete ({type(e).__name__}: {e}); {RETRAIN}") from e
     return ck, raw["state_dict"]

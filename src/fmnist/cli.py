@@ -1,4 +1,4 @@
-"""The ``fmnist`` command: parses the command line and calls a stage; nothing else.
+"""The ``fmnist`` command: parses the command line and calls the command's module (commands/).
 
 Heavy libraries (torch, mlflow) are imported by the stage that needs them, so
 ``fmnist --help`` answers at once.
@@ -43,24 +43,15 @@ def _train(args: argparse.Namespace) -> None:
 
     from fmnist import runspec
     from fmnist.commands import train
-    from fmnist.core import distributed, engine
+    from fmnist.core import distributed
 
     spec = runspec.pick(_specs(args), args.model)
     nproc = args.nproc if args.nproc is not None else spec.train.nproc
-    if nproc != 1 and not distributed.launched():  # become torchrun's launcher; the workers come back here
-        worker_args = ["train", args.model, "--params", args.params, "--backend", args.backend,
-                       *(a for s in args.set or () for a in ("--set", s)),
-                       *(["--resume"] if args.resume else []), *(["--no-progress"] if args.no_progress else [])]
-        train.launch(spec, nproc, worker_args, force=args.force, backend=args.backend)
+    if nproc != 1 and not distributed.launched():  # torchrun runs this same command in each of nproc processes
+        train.launch(spec, nproc, args.argv, force=args.force, backend=args.backend)
         return
-    group = distributed.start(engine.select_device(spec.train.device), args.backend)
-    if group is not None and not group.is_main:
-        logging.getLogger().setLevel(logging.WARNING)
-    try:
-        metrics = train.run(spec, resume=train.resume_requested(args.resume), progress=not args.no_progress,
-                            group=group)
-    finally:
-        distributed.stop(group)
+    metrics = train.run(spec, resume=train.resume_requested(args.resume), progress=not args.no_progress,
+                        backend=args.backend)
     if metrics is not None:
         print(json.dumps(metrics, indent=2))
 
@@ -151,7 +142,9 @@ def _interrupt(signum, frame):  # SIGTERM behaves like Ctrl-C: runs end KILLED, 
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     signal.signal(signal.SIGTERM, _interrupt)
     try:

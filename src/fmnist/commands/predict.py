@@ -60,7 +60,8 @@ def is_model_uri(model: str | Path) -> bool:
 
 
 def probabilities(model: str | Path, x) -> tuple[Any, tuple[str, ...]]:
-    """(N, 28, 28) uint8 images -> (N, 10) class probabilities, and the class names."""
+    """(N, 28, 28) uint8 images -> (N, 10) class probabilities (calibrated, as the MLflow Model gives
+    them), and the class names."""
     import torch
 
     from fmnist.data import CLASSES
@@ -70,12 +71,13 @@ def probabilities(model: str | Path, x) -> tuple[Any, tuple[str, ...]]:
 
         return torch.from_numpy(registry.load(str(model)).predict(x.float().numpy())), CLASSES
     from fmnist import checkpoint
-    from fmnist.core import engine
+    from fmnist.core import calibration, engine
     from fmnist.data.loader import Split
 
     net, ck = checkpoint.load(checkpoint_path(model))
     split = Split(x, torch.zeros(len(x), dtype=torch.long), torch.arange(len(x)))
-    return engine.predict(net, split, ck.stats, bf16=ck.bf16, tta_flip=ck.spec.evaluate.tta_flip).exp(), ck.classes
+    logp = engine.predict(net, split, ck.stats, bf16=ck.bf16, tta_flip=ck.spec.evaluate.tta_flip)
+    return calibration.scale(logp, ck.temperature).exp(), ck.classes
 
 
 def classify(model: str | Path, x) -> list[dict[str, Any]]:

@@ -1,25 +1,26 @@
 """train@MODEL: fit one model; write models/MODEL.pt, its metrics and its history.
 
-After every epoch the whole training state goes to models/MODEL.resume.pt, so
-``fmnist train MODEL --resume`` (or ``FMNIST_RESUME=1 dvc repro``) continues an
-interrupted run from its last finished epoch to the same final result.
+Read ``run`` top to bottom: choose where to train, load the data, build the model, open its MLflow
+run, fit (core/engine.py: one epoch is ``train_epoch`` then ``validate``), then write the outputs and
+log the model. At the end of every epoch the whole training state is saved for ``--resume``, so
+``fmnist train MODEL --resume`` (or ``FMNIST_RESUME=1 dvc repro``) continues an interrupted run from
+its last finished epoch to the same final result.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import functools
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 
 import torch
 
-from fmnist import ConfigError, FmnistError, checkpoint
-from fmnist.core import engine, losses, models
-from fmnist.core.distributed import Group
+from fmnist import ConfigError, checkpoint
+from fmnist.core import distributed, engine, losses, models
+from fmnist.core.device import place
 from fmnist.data.loader import Split, input_stats, load_split, stratified_indices
 from fmnist.files import remove_stale, torch_save, write_csv, write_json
 from fmnist.runspec import RunSpec
@@ -34,111 +35,121 @@ def resume_requested(flag: bool) -> bool:
     return flag or os.environ.get(RESUME_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
-def run(spec: RunSpec, *, resume: bool = False, progress: bool = True, group: Group | None = None) -> dict | None:
-    """Train one model. In a process group every rank trains; only rank 0 writes, prints and logs, and
-    only it returns the metrics."""
+def run(spec: RunSpec, *, resume: bool = False, progress: bool = True, backend: str = "auto") -> dict | None:
+    """Train one model. Under torchrun every process trains its share of each batch; only rank 0
+    writes, prints and logs, and only it returns the metrics."""
     tc, out = spec.train, spec.paths
-    main = group is None or group.is_main
-    device = engine.select_device(tc.device)
-    if device.type == "cuda" and group is not None:
-        device = torch.device("cuda", group.local_rank)
-    engine.use_bf16(tc.precision, device)  # fails now, not after loading, if bf16 is impossible here
-    train, val = _training_split(spec), load_split("val", out.processed)
-    stats = input_stats(tc.input_scaling, out.processed)
+    with distributed.joined(tc.device, backend) as group:
+        main = group is None or group.is_main
+        # 1. the model, and where it trains (device and precision), chosen once
+        engine.seed_everything(spec.seed)
+        model = models.build(spec.arch, spec.hparams)
+        where = place(tc.device, tc.precision, model, group.local_rank if group else None)
+        # 2. the data
+        train, val = _training_split(spec), load_split("val", out.processed)
+        stats = input_stats(tc.input_scaling, out.processed)
+        loss_fn = losses.make_loss(spec.loss, spec.focal, tc.label_smoothing)
+        state = _resume_state(spec, quiet=not main) if resume else None
+        if main:
+            remove_stale(*out.outputs())  # left by a run killed while writing
+        # 3. the MLflow run (rank 0 only)
+        with _mlflow_run(spec, model, state, group) if main else contextlib.nullcontext() as mlflow_run:
+            if main:
+                _log_inputs(mlflow_run, spec, train, val)
 
-    if main:
-        remove_stale(*out.outputs())  # left by a run killed while writing
-    state = _resume_state(spec, quiet=not main) if resume else None
-    engine.seed_everything(spec.seed)
-    model = models.build(spec.arch, spec.hparams)
-    loss_fn = losses.make_loss(spec.loss, spec.focal, tc.label_smoothing)
-    fit = functools.partial(engine.fit, model, train, val, stats, tc, loss_fn, seed=spec.seed, device=device,
-                            resume=state, group=group)
-    if not main:
-        fit()
-        return None
+            def end_of_epoch(row: dict, resume_state: dict) -> None:
+                _print_epoch(row, tc.epochs)
+                mlflow_run.log_metrics({k: v for k, v in row.items() if k not in ("epoch", "elapsed_s")},
+                                       step=int(row["epoch"]))
+                torch_save(out.resume, {**resume_state, "params_hash": spec.params_hash,
+                                        "mlflow_run_id": mlflow_run.run_id})
 
-    from fmnist import tracking
-    from fmnist.tracking import registry
-    from fmnist.core.export import RawImageClassifier, example_input
-
-    n_params = models.count_parameters(model)
-    params = {**spec.trained_with(), "evaluate": dataclasses.asdict(spec.evaluate), "n_parameters": n_params}
-    tags = {"recipe": spec.recipe, "fmnist.nproc": str(group.world if group else 1)}
-    with tracking.start_run(spec.model, spec.loss, params, run_id=state and state.get("mlflow_run_id"),
-                            tags=tags) as run:
-        digest, source = data_digest(out.processed)
-        for split, context in ((train, "train"), (val, "validation")):
-            run.log_input("fashion-mnist", digest, source, context, len(split))
-
-        def on_epoch(row: dict, snapshot) -> None:
-            _print_epoch(row, tc.epochs)
-            run.log_metrics({k: v for k, v in row.items() if k not in ("epoch", "elapsed_s")}, step=int(row["epoch"]))
-            torch_save(out.resume, {**snapshot(), "params_hash": spec.params_hash, "mlflow_run_id": run.run_id})
-
-        result = fit(on_epoch=on_epoch, progress=_progress_bar(tc.epochs) if progress else None)
-        if result.stopped_early:
-            log.info("early stop after epoch %d: no lower validation loss for %d epochs; keeping epoch %d",
-                     len(result.history), tc.patience, result.best_epoch)
-        kept = result.history[result.best_epoch - 1]
-        metrics = {
-            "epochs": len(result.history), "best_epoch": result.best_epoch,
-            "train_loss": kept["train_loss"], "train_accuracy": kept["train_accuracy"],
-            "val_loss": kept["val_loss"], "val_accuracy": kept["val_accuracy"],
-            "train_time_s": round(result.train_time_s, 2), "images_per_s": round(result.images_per_s, 1),
-            "n_parameters": n_params, "n_train": len(train), "bf16": int(result.bf16),
-        }
-        written = (out.model, out.history, out.train_metrics)
-        try:  # the outputs, then what MLflow keeps of them: all of it, or none of the outputs
-            checkpoint.save(out.model, model.cpu(), spec, stats, bf16=result.bf16, run_id=run.run_id)
-            write_csv(out.history, result.history, HISTORY_FIELDS)
-            write_json(out.train_metrics, metrics)
-            run.log_metrics({"train_time_s": result.train_time_s, "best_epoch": result.best_epoch,
-                             "images_per_s": result.images_per_s})
-            run.log_artifact(out.model)
-            run.log_artifact(out.history)
-            registry.log_model(run.run_id, RawImageClassifier(model, stats, spec.evaluate.tta_flip),
-                               example_input(val.images))
-        except BaseException:
-            for path in written:
-                path.unlink(missing_ok=True)
-            raise
+            # 4. fit
+            result = engine.fit(model, train, val, stats, tc, loss_fn, seed=spec.seed, device=where.device,
+                                bf16=where.bf16, resume=state, group=group, on_epoch=end_of_epoch if main else None,
+                                progress=_progress_bar(tc.epochs) if progress and main else None)
+            if not main:
+                return None
+            # 5. the outputs, and 6. the model as it leaves the lab, its probabilities calibrated on the
+            # validation split: all of it, or none of the outputs
+            temperature = engine.fit_temperature(model, val, stats, device=where.device, bf16=where.bf16,
+                                                 tta_flip=spec.evaluate.tta_flip)
+            try:
+                metrics = _write_outputs(spec, model, result, stats, temperature, train, mlflow_run)
+                _log_model(spec, model, stats, temperature, val, mlflow_run)
+            except BaseException:
+                for path in (out.model, out.history, out.train_metrics):
+                    path.unlink(missing_ok=True)
+                raise
     out.resume.unlink(missing_ok=True)
     return metrics
 
 
+def _mlflow_run(spec: RunSpec, model: torch.nn.Module, state: dict | None, group: distributed.Group | None):
+    """The model's MLflow run (the one an interrupted training began, when resuming), tagged with its
+    cell: all that defines the run but the seed, so runs that differ only in seed group together."""
+    from fmnist import tracking
+
+    params = {**spec.trained_with(), "evaluate": dataclasses.asdict(spec.evaluate),
+              "n_parameters": models.count_parameters(model)}
+    tags = {"recipe": spec.recipe, "fmnist.cell": spec.cell, "fmnist.pair": spec.pair_key,
+            "fmnist.nproc": str(group.world if group else 1)}
+    return tracking.start_run(spec.model, spec.loss, params, run_id=state and state.get("mlflow_run_id"), tags=tags)
+
+
+def _log_inputs(mlflow_run, spec: RunSpec, train: Split, val: Split) -> None:
+    """The run's lineage: the data it trains and validates on."""
+    digest, source = data_digest(spec.paths.processed)
+    for split, context in ((train, "train"), (val, "validation")):
+        mlflow_run.log_input("fashion-mnist", digest, source, context, len(split))
+
+
+def _write_outputs(spec: RunSpec, model: torch.nn.Module, result: engine.FitResult, stats, temperature: float,
+                   train: Split, mlflow_run) -> dict:
+    """The checkpoint (the raw network, the temperature beside it), history and metrics, and the
+    run's final metrics and artifacts."""
+    out = spec.paths
+    if result.stopped_early:
+        log.info("early stop after epoch %d: no lower validation loss for %d epochs; keeping epoch %d",
+                 len(result.history), spec.train.patience, result.best_epoch)
+    kept = result.history[result.best_epoch - 1]
+    metrics = {
+        "epochs": len(result.history), "best_epoch": result.best_epoch,
+        "train_loss": kept["train_loss"], "train_accuracy": kept["train_accuracy"],
+        "val_loss": kept["val_loss"], "val_accuracy": kept["val_accuracy"],
+        "train_time_s": round(result.train_time_s, 2), "images_per_s": round(result.images_per_s, 1),
+        "n_parameters": models.count_parameters(model), "n_train": len(train), "bf16": int(result.bf16),
+    }
+    checkpoint.save(out.model, model.cpu(), spec, stats, bf16=result.bf16, run_id=mlflow_run.run_id,
+                    temperature=temperature)
+    write_csv(out.history, result.history, HISTORY_FIELDS)
+    write_json(out.train_metrics, metrics)
+    mlflow_run.log_metrics({"train_time_s": result.train_time_s, "best_epoch": result.best_epoch,
+                            "images_per_s": result.images_per_s})
+    mlflow_run.log_artifact(out.model)
+    mlflow_run.log_artifact(out.history)
+    return metrics
+
+
+def _log_model(spec: RunSpec, model: torch.nn.Module, stats, temperature: float, val: Split, mlflow_run) -> None:
+    """The MLflow Model: raw images in, calibrated class probabilities out (fmnist.core.export)."""
+    from fmnist.core.export import RawImageClassifier, example_input
+    from fmnist.tracking import registry
+
+    registry.log_model(mlflow_run.run_id, RawImageClassifier(model, stats, spec.evaluate.tta_flip, temperature),
+                       example_input(val.images))
+
+
 def launch(spec: RunSpec, nproc: int, argv: list[str], *, force: bool = False, backend: str = "auto") -> None:
-    """Run ``fmnist train ARGV`` as ``nproc`` processes with torch.distributed's launcher (torchrun),
-    on this machine. A failed worker stops the others; the error names the rank that failed."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import main as torchrun
-
-    from fmnist.core import distributed
-
-    device = engine.select_device(spec.train.device)
-    distributed.backend_for(device, backend)
-    devices, kind = (torch.cuda.device_count(), "GPUs") if device.type == "cuda" else (os.cpu_count(), "CPU cores")
-    if nproc < 1:
-        raise ConfigError(f"--nproc {nproc}: must be at least 1")
-    if nproc > (devices or 1) and not force:
-        raise ConfigError(f"--nproc {nproc}: this machine has {devices} {kind}; more processes than that compete "
-                          "for them (add --force to run anyway)")
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    """``fmnist ARGV`` (a train command) as ``nproc`` torchrun processes; a failed worker's MLflow run,
+    which its rank 0 could not close, is marked KILLED."""
     try:
-        torchrun(["--standalone", "--nproc-per-node", str(nproc), "--module", "fmnist", *argv])
-    except ChildFailedError as e:
-        first = e.get_first_failure()[1]
-        how = (f"killed by {signal.Signals(-first.exitcode).name}" if first.exitcode < 0
-               else f"exit status {first.exitcode}")
+        distributed.launch(nproc, argv, spec.train.device, force=force, backend=backend)
+    except distributed.WorkerFailed:
         from fmnist import tracking
 
-        tracking.reap_orphans(tracking.client(), spec.model)  # the run rank 0 could not close
-        raise TrainingFailed(f"rank {first.local_rank} of {nproc} failed ({how}); the others were stopped and "
-                             "nothing was written") from e
-
-
-class TrainingFailed(FmnistError):
-    """A worker of a distributed training failed."""
+        tracking.reap_orphans(tracking.client(), spec.model)
+        raise
 
 
 def data_digest(processed: Path) -> tuple[str, dict[str, str]]:

@@ -4,6 +4,7 @@ autocast only where the hardware computes bf16 natively and the model gains from
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -18,6 +19,22 @@ def select_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: torch.device
+    bf16: bool  # train and evaluate under bf16 autocast
+
+
+def place(device: str, precision: str, model: nn.Module, local_rank: int | None = None) -> Placement:
+    """Where ``model`` trains and in what precision, chosen once per run from ``train.device`` and
+    ``train.precision``; under torchrun on GPUs, each process takes the GPU of its ``local_rank``.
+    Fails before any work when the params ask for what this machine lacks."""
+    chosen = select_device(device)
+    if chosen.type == "cuda" and local_rank is not None:
+        chosen = torch.device("cuda", local_rank)
+    return Placement(chosen, use_bf16(precision, chosen, model))
 
 
 def cpu_has_native_bf16() -> bool:

@@ -9,13 +9,18 @@ same epoch. Only rank 0 writes files, prints and logs.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import signal
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as torch_dist
 
-from fmnist import ConfigError
+from fmnist import ConfigError, FmnistError
+from fmnist.core.device import select_device
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,49 @@ def backend_for(device: torch.device, backend: str = "auto") -> str:
     if backend == "nccl" and not torch.cuda.is_available():
         raise ConfigError("--backend nccl: needs CUDA GPUs, and none is available; use gloo (the CPU's)")
     return ("nccl" if device.type == "cuda" else "gloo") if backend == "auto" else backend
+
+
+class WorkerFailed(FmnistError):
+    """A process of a distributed training failed; the others were stopped."""
+
+
+def launch(nproc: int, argv: list[str], device: str = "auto", *, force: bool = False, backend: str = "auto") -> None:
+    """Run ``python -m fmnist ARGV`` as ``nproc`` processes on this machine with torch.distributed's
+    launcher (torchrun); each process finds its place with ``joined``. A failed worker stops the
+    others, and the error names the rank that failed."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    chosen = select_device(device)
+    backend_for(chosen, backend)
+    devices, kind = (torch.cuda.device_count(), "GPUs") if chosen.type == "cuda" else (os.cpu_count(), "CPU cores")
+    if nproc < 1:
+        raise ConfigError(f"--nproc {nproc}: must be at least 1")
+    if nproc > (devices or 1) and not force:
+        raise ConfigError(f"--nproc {nproc}: this machine has {devices} {kind}; more processes than that compete "
+                          "for them (add --force to run anyway)")
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    try:
+        torchrun(["--standalone", "--nproc-per-node", str(nproc), "--module", "fmnist", *argv])
+    except ChildFailedError as e:
+        first = e.get_first_failure()[1]
+        how = (f"killed by {signal.Signals(-first.exitcode).name}" if first.exitcode < 0
+               else f"exit status {first.exitcode}")
+        raise WorkerFailed(f"rank {first.local_rank} of {nproc} failed ({how}); the others were stopped and "
+                           "nothing was written") from e
+
+
+@contextlib.contextmanager
+def joined(device: str = "auto", backend: str = "auto") -> Iterator[Group | None]:
+    """Inside a torchrun worker: the process group, joined on entry and left on exit (ranks other
+    than 0 log warnings only). Alone: None."""
+    group = start(select_device(device), backend)
+    if group is not None and not group.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        yield group
+    finally:
+        stop(group)
 
 
 def start(device: torch.device, backend: str = "auto") -> Group | None:

@@ -1,8 +1,10 @@
 """The training core shared by every model: fit, predict, evaluate, early stopping.
 
-No file I/O, no tracking and no printing here: ``fit`` reports each finished epoch
-to a callback, with a way to snapshot the whole training state, and the train
-stage decides what to print, write and log.
+Read ``fit`` first: one epoch is ``train_epoch`` (the six calls of every PyTorch loop) then
+``validate``, then the early-stopping rule. No file I/O, no tracking and no printing here, and no
+choice of device or precision: the caller passes them. ``fit`` hands each finished epoch's row and
+the whole training state (all that ``resume=`` needs) to ``on_epoch``; the train stage decides what
+to print, write and log.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from torch import nn
 
 from fmnist import ConfigError, FmnistError
 from fmnist.config import TrainConfig
-from fmnist.core.device import autocast, select_device, use_bf16
+from fmnist.core import calibration
+from fmnist.core.device import autocast
 from fmnist.core.distributed import Group
 from fmnist.core.losses import LossFn, cross_entropy
 from fmnist.core.metrics import score
@@ -96,6 +99,12 @@ def evaluate(model: nn.Module, split: Split, stats: Stats, **kwargs: Any) -> dic
     return score(predict(model, split, stats, **kwargs), split.labels)
 
 
+def fit_temperature(model: nn.Module, val: Split, stats: Stats, **kwargs: Any) -> float:
+    """The temperature that calibrates the model's probabilities on the validation split, scored as
+    ``predict(**kwargs)`` scores it (flip test-time augmentation included)."""
+    return calibration.fit_temperature(predict(model, val, stats, **kwargs), val.labels)
+
+
 # --------------------------------------------------------------------------- fit
 
 @dataclass
@@ -121,26 +130,24 @@ class FitResult:
     images_per_s: float
 
 
-EpochCallback = Callable[[dict[str, float], Callable[[], dict[str, Any]]], None]
+EpochCallback = Callable[[dict[str, float], dict[str, Any]], None]  # (the epoch's row, the state to resume from)
 Progress = Callable[[Iterable, int], Iterable]  # (batches, epoch) -> the same batches, shown as they go
 
 
 def fit(model: nn.Module, train: Split, val: Split | None, stats: Stats, cfg: TrainConfig, loss_fn: LossFn, *,
-        seed: int, device: torch.device | None = None, on_epoch: EpochCallback | None = None,
-        resume: dict[str, Any] | None = None, progress: Progress | None = None,
-        group: Group | None = None) -> FitResult:
-    """Train ``model`` in place and return its per-epoch history.
+        seed: int, device: torch.device = torch.device("cpu"), bf16: bool = False,
+        on_epoch: EpochCallback | None = None, resume: dict[str, Any] | None = None,
+        progress: Progress | None = None, group: Group | None = None) -> FitResult:
+    """Train ``model`` in place on ``device`` (under bf16 autocast if ``bf16``) and return its history.
 
     Each epoch: train on every batch, validate, record, decide whether to stop. ``val`` may be
     None (the benchmarks train on all 60,000 images): then nothing is validated and early stopping
-    is refused. ``on_epoch(row, snapshot)`` is called after every epoch; ``snapshot()`` returns all
-    that ``resume=`` needs to continue from there to the result an uninterrupted run gives. With a
-    process ``group`` (torchrun), each rank trains on its slice of every batch, in step.
+    is refused. ``on_epoch(row, state)`` is called after every epoch with the whole training state:
+    ``resume=state`` continues from there to the result an uninterrupted run gives. With a process
+    ``group`` (torchrun), each rank trains on its slice of every batch, in step.
     """
     if val is None and cfg.patience:
         raise ConfigError("train.patience: early stopping needs a validation split")
-    device = device or select_device(cfg.device)
-    bf16 = use_bf16(cfg.precision, device, model)
     channels_last = uses_channels_last(model) and device.type == "cpu"
     model.to(device, memory_format=torch.channels_last) if channels_last else model.to(device)
     data_rng = torch.Generator().manual_seed(seed)  # batch order and augmentation; weights use torch's own
@@ -171,7 +178,7 @@ def fit(model: nn.Module, train: Split, val: Split | None, stats: Stats, cfg: Tr
                "elapsed_s": round(elapsed0 + time.perf_counter() - t_start, 3)}
         _record(state, row, model, keep_best=cfg.patience > 0)
         if on_epoch is not None:
-            on_epoch(row, lambda: _snapshot(state, model, opt, sched, data_rng))
+            on_epoch(row, _snapshot(state, model, opt, sched, data_rng))
 
     if cfg.patience and state.best_weights is not None:
         model.load_state_dict(state.best_weights)
