@@ -412,8 +412,8 @@ def test_a_teammate_pulls_the_models_and_predicts_without_training(team, tmp_pat
 
 @pytest.mark.team
 def test_a_missing_dvc_remote_fails_before_anything_is_trained(team, tmp_path):
-    """What DVC does when the remote is not there (README, "Working as a team"): exit status 1 and an
-    ERROR line; nothing pulled, nothing trained, nothing created where the remote should be."""
+    """What DVC does when the remote is not there (docs/troubleshooting.md, "The DVC remote"): exit status 1
+    and an ERROR line; nothing pulled, nothing trained, nothing created where the remote should be."""
     mate = team.clone("newcomer")
     r = team.dvc(mate, "pull", "-r", "nosuch", check=False)
     assert r.returncode == 1
