@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+import math
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +16,9 @@ import pytest
 import yaml
 
 from conftest import REPO, write_raw
-from fmnist import ConfigError, cli, config, runspec
+from fmnist import ConfigError, cli, config, params, runspec
 
-BASE = yaml.safe_load((REPO / "params.yaml").read_text())
+BASE = params.read(REPO / "params.yaml")
 
 
 def with_value(key: str, value: Any) -> dict[str, Any]:
@@ -56,6 +60,67 @@ def test_defaults_fill_a_minimal_file(tmp_path):
     assert cfg.data == config.DataConfig() and cfg.train == config.TrainConfig()
     assert cfg.evaluate == config.EvalConfig()
     assert cfg.models["mlp"].hparams == {} and cfg.models["mlp"].train == config.TrainConfig()
+
+
+# --------------------------------------------------------------------------- read as DVC reads it
+
+TRICKY = """\
+switch: on
+answer: yes
+octal: 010
+sexagesimal: 1:30
+lr: 1e-3
+big: .inf
+nested:
+  when: Off
+  hexa: 0x1f
+"""
+TRICKY_SETS = ["lr=0.01", "switch=yes", "+added=010", "nested.when=1:30", "big=-inf", "+nested.rate=2e-4"]
+
+
+def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested keys joined with dots, as `dvc params diff` shows them."""
+    out = {}
+    for k, v in d.items():
+        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def test_tricky_values_read_as_dvc_reads_them(tmp_path):
+    """YAML 1.2, as DVC's own loader (ruamel.yaml) reads the file: not PyYAML's YAML 1.1."""
+    from dvc.dependency.param import read_param_file
+    from dvc.fs import LocalFileSystem
+
+    path = tmp_path / "params.yaml"
+    path.write_text(TRICKY)
+    ours = params.read(path)
+    assert ours == read_param_file(LocalFileSystem(), str(path))
+    assert ours == {"switch": "on", "answer": "yes", "octal": 10, "sexagesimal": "1:30", "lr": 0.001,
+                    "big": math.inf, "nested": {"when": "Off", "hexa": 31}}
+    assert yaml.safe_load(TRICKY)["switch"] is True  # what the old YAML 1.1 reading gave
+
+
+def test_set_and_the_file_mean_what_dvc_exp_run_and_dvc_params_diff_say(tmp_path):
+    """In a scratch git + DVC repository: `dvc exp run -S` rewrites params.yaml, `dvc params diff`
+    reads the file before (old) and after (new); fmnist reads the same values, without and with --set."""
+    def run(*args: str) -> str:
+        res = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True)
+        assert res.returncode == 0, res.stdout + res.stderr
+        return res.stdout
+
+    (tmp_path / "params.yaml").write_text(TRICKY)
+    (tmp_path / "dvc.yaml").write_text(f"stages:\n  noop:\n    cmd: {sys.executable} -c pass\n"
+                                       "    params:\n      - params.yaml:\n")  # every key of the file
+    run("git", "init", "-q")
+    run(sys.executable, "-m", "dvc", "init", "-q")
+    run("git", "-c", "user.name=t", "-c", "user.email=t@t.invalid", "add", "-A")
+    run("git", "-c", "user.name=t", "-c", "user.email=t@t.invalid", "commit", "-qm", "params")
+    old, new = params.read(tmp_path / "params.yaml"), params.read(tmp_path / "params.yaml", TRICKY_SETS)
+    run(sys.executable, "-m", "dvc", "exp", "run", "-q", *(a for s in TRICKY_SETS for a in ("-S", s)))
+    diff = json.loads(run(sys.executable, "-m", "dvc", "params", "diff", "--all", "--json"))["params.yaml"]
+    assert {k: v["old"] for k, v in diff.items() if v["old"] is not None} == flat(old)
+    assert {k: v["new"] for k, v in diff.items()} == flat(new)
+    assert (new["switch"], new["added"], new["nested"]["when"], new["big"]) == ("yes", "010", "1:30", -math.inf)
 
 
 def test_yaml_1_2_numbers_and_focal_alpha_list(tmp_path):
@@ -144,7 +209,7 @@ def test_bad_value_names_its_key(tmp_path, key, value, names, says):
 @pytest.mark.parametrize("text,says", [
     ("- 1\n- 2\n", "must be a mapping"),
     ("seed: [1\n", "not valid YAML (line 2"),
-    ("seed: 1\ntrain:\n  lr: 0.1\n  lr: 0.2\n", "not valid YAML (line 4, column 3): key 'lr' given twice"),
+    ("seed: 1\ntrain:\n  lr: 0.1\n  lr: 0.2\n", 'not valid YAML (line 4, column 3): found duplicate key "lr"'),
 ])
 def test_unreadable_file_is_one_line(tmp_path, text, says):
     path = write_params(tmp_path, text)
@@ -166,20 +231,27 @@ def test_unknown_model_name():
 
 # --------------------------------------------------------------------------- --set overrides
 
-def test_set_overrides_existing_keys_with_yaml_values():
+def test_set_overrides_existing_keys_with_hydra_values():
     cfg = config.load(REPO / "params.yaml", ["train.lr=1e-3", "loss=focal", "train.augment.flip=true",
                                              "focal.alpha=[1, 1, 1, 1, 1, 1, 3, 1, 1, 1]", "seed=7"])
     assert cfg.train.lr == 0.001 and cfg.loss == "focal" and cfg.train.augment.flip is True and cfg.seed == 7
     assert cfg.focal.alpha[6] == 3.0
+    with pytest.raises(ConfigError, match=r"^train\.augment\.flip: must be true or false, got 'on'$"):
+        config.load(REPO / "params.yaml", ["train.augment.flip=on"])  # a string, as in the file
     assert config.load(REPO / "params.yaml").train.lr == 0.002  # the file itself is untouched
 
 
 @pytest.mark.parametrize("item,says", [
-    ("train.lrr=0.1", "no key 'train.lrr' in params.yaml (use +train.lrr to add one)"),
-    ("trian.lr=0.1", "no key 'trian' in params.yaml"),
-    ("train.lr", "expected key=value"),
+    ("train.lrr=0.1", "no key 'train.lrr' in params.yaml (use +train.lrr=0.1 to add one); allowed: augment, "),
+    ("trian.lr=0.1", "no key 'trian' in params.yaml (use +trian.lr=0.1 to add one); allowed: data, evaluate,"),
+    ("seed.x=1", "'seed' is a value, not a section of params.yaml"),
+    ("+seed=1", "An item is already at 'seed'"),
+    ("train.lr", "expected key=value as `dvc exp run -S` takes it"),
     ("=1", "expected key=value"),
-    ("train.lr=[0.1", "not valid YAML"),
+    ("train.lr=[0.1", "expected key=value as `dvc exp run -S` takes it"),
+    ("seed=1,2,3", "a sweep is several runs; queue them with `dvc exp run --queue -S seed=1,2,3`"),
+    ("seed=range(1,4)", "`dvc exp run --queue -S seed=range(1,4)`"),
+    ("loss=choice(ce,focal)", "a sweep is several runs"),
 ])
 def test_set_rejects_missing_keys_and_bad_syntax(item, says):
     with pytest.raises(ConfigError) as e:
