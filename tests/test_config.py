@@ -1,5 +1,6 @@
-"""params.yaml -> typed, frozen config: every bad value exits 2 with one line naming its key,
-before any work; `--set` overrides; a model's own `train:` overrides."""
+"""params.yaml -> typed, frozen config: the file read as DVC reads it, `--set` as `dvc exp run -S`
+applies it, every setting written in the file (the code has no defaults), every bad or missing
+value exits 2 with one line naming its key, before any work; a model's own `train:` overrides."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import copy
 import dataclasses
 import json
 import math
+import operator
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +21,8 @@ from conftest import REPO, write_raw
 from fmnist import ConfigError, cli, config, params, runspec
 
 BASE = params.read(REPO / "params.yaml")
+SECTIONS = {"data": config.DataConfig, "focal": config.FocalConfig, "train": config.TrainConfig,
+            "train.augment": config.AugmentConfig, "evaluate": config.EvalConfig}
 
 
 def with_value(key: str, value: Any) -> dict[str, Any]:
@@ -47,19 +51,54 @@ def test_repository_params_load_typed_and_frozen():
     assert cfg.seed == 42 and cfg.loss == "ce" and cfg.data.val_fraction == 0.1
     assert isinstance(cfg.train.lr, float) and isinstance(cfg.train.epochs, int)
     assert cfg.focal == config.FocalConfig(gamma=2.0, alpha=1.0)
+    assert (cfg.train.nproc, cfg.train.sync_bn) == (1, False)
     assert tuple(cfg.models) == tuple(BASE["models"])
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.train.lr = 1.0  # type: ignore[misc]
-    for name, entry in cfg.models.items():
-        assert entry.arch == name
+    for name, spec in runspec.load(REPO / "params.yaml").items():
+        assert spec.arch == name
 
 
-def test_defaults_fill_a_minimal_file(tmp_path):
-    cfg = config.load(write_params(tmp_path, "models:\n  mlp: {}\n"))
-    assert cfg.seed == 42 and cfg.loss == "ce"
-    assert cfg.data == config.DataConfig() and cfg.train == config.TrainConfig()
-    assert cfg.evaluate == config.EvalConfig()
-    assert cfg.models["mlp"].hparams == {} and cfg.models["mlp"].train == config.TrainConfig()
+def dig(raw: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        raw = raw[part]
+    return raw
+
+
+def test_params_yaml_is_the_one_source_of_every_setting():
+    """Every field of the config classes has its value in the committed params.yaml, and none has a
+    default in the code that could disagree with it."""
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            assert f.name in dig(BASE, section), f"{section}.{f.name}: not in params.yaml"
+            assert f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING, (
+                f"{cls.__name__}.{f.name} has a default in the code; params.yaml is the one source")
+    assert set(config.TOP_LEVEL) == set(BASE)
+    cfg = config.load(REPO / "params.yaml")
+    for section in SECTIONS:  # and what the code reads is what the file says, key by key
+        read = dataclasses.asdict(operator.attrgetter(section)(cfg))
+        assert read == {k: v for k, v in dig(BASE, section).items() if k != "models"}
+
+
+SHARED_KEYS = ["seed", "loss", "recipe"] + [
+    f"{section}.{f.name}" for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+@pytest.mark.parametrize("key", SHARED_KEYS)
+def test_a_missing_setting_is_an_error_naming_it(tmp_path, key):
+    raw = copy.deepcopy(BASE)
+    parent, _, last = key.rpartition(".")
+    del (dig(raw, parent) if parent else raw)[last]
+    with pytest.raises(ConfigError) as e:
+        runspec.load(write_params(tmp_path, raw))
+    assert str(e.value).startswith(f"{key}: missing; params.yaml sets every setting") and e.value.exit_code == 2
+
+
+def test_a_model_sets_only_the_keys_it_changes():
+    """models.M.train and evaluate.models.M override some keys; the rest come from the shared sections."""
+    specs = runspec.load(REPO / "params.yaml")
+    assert set(BASE["models"]["fmnet"]["train"]) < {f.name for f in dataclasses.fields(config.TrainConfig)}
+    assert specs["fmnet"].train.weight_decay == config.load(REPO / "params.yaml").train.weight_decay
 
 
 # --------------------------------------------------------------------------- read as DVC reads it
@@ -264,35 +303,37 @@ def test_set_values_are_validated_like_the_file():
         config.load(REPO / "params.yaml", ["train.epochs=0"])
 
 
-def test_plus_adds_a_key(tmp_path):
-    path = write_params(tmp_path, "models:\n  mlp: {}\n")
-    with pytest.raises(ConfigError, match="no key 'train'"):
-        config.load(path, ["train.lr=0.5"])
-    cfg = config.load(path, ["+train.lr=0.5", "+models.wide.arch=mlp", "+models.wide.hidden=64"])
-    assert cfg.train.lr == 0.5 and tuple(cfg.models) == ("mlp", "wide")
-    wide = cfg.models["wide"]
+def test_plus_adds_a_key():
+    path = REPO / "params.yaml"
+    with pytest.raises(ConfigError, match="no key 'models.wide'"):
+        config.load(path, ["models.wide.hidden=64"])
+    specs = runspec.load(path, ["train.lr=0.5", "+models.wide.arch=mlp", "+models.wide.hidden=64"])
+    assert tuple(specs) == (*BASE["models"], "wide")
+    wide = specs["wide"]
     assert wide.arch == "mlp" and wide.hparams == {"hidden": 64} and wide.train.lr == 0.5
     with pytest.raises(ConfigError, match=r"^train\.bogus: unknown key"):  # added, then validated
         config.load(path, ["+train.bogus=1"])
+    with pytest.raises(ConfigError, match=r"^train\.nproc: missing"):  # and a key taken away is missing
+        config.load(path, ["~train.nproc"])
 
 
 # --------------------------------------------------------------------------- a model's own train: overrides
 
 def test_model_train_overrides_merge_over_the_shared_section():
-    cfg = config.load(REPO / "params.yaml")
-    fmnet, mlp = cfg.models["fmnet"].train, cfg.models["mlp"].train
+    cfg, specs = config.load(REPO / "params.yaml"), runspec.load(REPO / "params.yaml")
+    fmnet, mlp = specs["fmnet"].train, specs["mlp"].train
     assert mlp == cfg.train
     assert (fmnet.epochs, fmnet.batch_size, fmnet.lr, fmnet.label_smoothing) == (8, 256, 0.004, 0.1)
-    assert cfg.models["fmnet"].evaluate.tta_flip and not cfg.models["mlp"].evaluate.tta_flip
+    assert specs["fmnet"].evaluate.tta_flip and not specs["mlp"].evaluate.tta_flip
     assert fmnet.augment == config.AugmentConfig(flip=True, shift=1, erase=0.0)  # erase from train.augment
     assert (fmnet.optimizer, fmnet.weight_decay, fmnet.schedule) == (cfg.train.optimizer, cfg.train.weight_decay,
                                                                      cfg.train.schedule)
     # A change to the shared section reaches every model that does not set the key itself.
-    cfg = config.load(REPO / "params.yaml", ["train.weight_decay=0.01", "train.augment.erase=0.25",
-                                             "train.lr=0.1"])
-    fmnet = cfg.models["fmnet"].train
+    specs = runspec.load(REPO / "params.yaml", ["train.weight_decay=0.01", "train.augment.erase=0.25",
+                                                "train.lr=0.1"])
+    fmnet = specs["fmnet"].train
     assert fmnet.weight_decay == 0.01 and fmnet.augment == config.AugmentConfig(flip=True, shift=1, erase=0.25)
-    assert fmnet.lr == 0.004 and cfg.models["mlp"].train.lr == 0.1
+    assert fmnet.lr == 0.004 and specs["mlp"].train.lr == 0.1
 
 
 def h(overrides: list[str], name: str = "mlp") -> str:
