@@ -66,6 +66,18 @@ class RunSpec:
     own_section: str = "train"  # models.<model>.<own_section> holds the train keys the model sets itself
     own_train_keys: tuple[str, ...] = ()
 
+    @property
+    def cell(self) -> str:
+        """Everything that defines the run except its seed, short: model/loss/recipe/hash of the rest,
+        e.g. ``fmnet/ce/project/1a2b3c4d``. Runs that differ only in seed share it."""
+        return f"{self.model}/{self.loss}/{self.recipe}/{_digest(self.trained_with(), 8, 'seed')}"
+
+    @property
+    def pair_key(self) -> str:
+        """The cell without the loss and its focal settings: a ce run and a focal run of the same
+        model, recipe and settings share it, e.g. ``fmnet/project/5e6f7a8b``."""
+        return f"{self.model}/{self.recipe}/{_digest(self.trained_with(), 8, 'seed', 'loss', 'focal')}"
+
     def trained_with(self) -> dict[str, Any]:
         """What decides the trained weights, as plain values (hashed; logged to MLflow)."""
         out = {"model": self.model, "arch": self.arch, "hparams": dict(self.hparams), "seed": self.seed,
@@ -77,8 +89,7 @@ class RunSpec:
 
     @property
     def params_hash(self) -> str:
-        blob = json.dumps(self.trained_with(), sort_keys=True, default=list)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return _digest(self.trained_with(), 16)
 
     def key(self, train_field: str) -> str:
         """The params.yaml key that sets ``train.<train_field>`` for this model."""
@@ -92,7 +103,7 @@ class RunSpec:
                 "paths": {k: str(v) for k, v in dataclasses.asdict(self.paths).items()},
                 "fallback": self.fallback, "published": self.published, "assumed": list(self.assumed),
                 "own_section": self.own_section, "own_train_keys": list(self.own_train_keys),
-                "params_hash": self.params_hash}
+                "params_hash": self.params_hash, "cell": self.cell, "pair_key": self.pair_key}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunSpec:
@@ -107,6 +118,12 @@ class RunSpec:
                    paths=RunPaths(**{k: Path(v) for k, v in d["paths"].items()}), recipe=d["recipe"],
                    fallback=d["fallback"], published=d["published"], assumed=tuple(d["assumed"]),
                    own_section=d["own_section"], own_train_keys=tuple(d["own_train_keys"]))
+
+
+def _digest(values: dict[str, Any], n: int, *leave_out: str) -> str:
+    """The first ``n`` hex digits of the SHA-256 of ``values`` less the keys ``leave_out``."""
+    blob = json.dumps({k: v for k, v in values.items() if k not in leave_out}, sort_keys=True, default=list)
+    return hashlib.sha256(blob.encode()).hexdigest()[:n]
 
 
 def resolve(params: Params) -> dict[str, RunSpec]:
