@@ -405,3 +405,17 @@ def test_cli_train_and_evaluate_exit_2_before_any_work(tmp_path, monkeypatch, ca
     err = capsys.readouterr().err
     assert err.startswith(f"fmnist {argv[0]}: error: ") and says in err and err.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # no models/, reports/, mlflow.db
+
+
+def test_one_version(capsys):
+    """`fmnist --version` says fmnist.__version__, the number pyproject.toml takes too (no second copy)."""
+    import tomllib
+
+    import fmnist
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"fmnist {fmnist.__version__}\n"
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert "version" not in project["project"] and project["project"]["dynamic"] == ["version"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "fmnist.__version__"}
