@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import gzip
 import os
 import signal
@@ -120,11 +122,25 @@ def specs(*overrides: str, params: str | Path = "params.yaml") -> dict:
     return runspec.load(params, overrides)
 
 
+@functools.cache
+def repo_params():
+    """The committed params.yaml, validated: the settings a test starts from (the code has no defaults)."""
+    from fmnist import config
+
+    return config.load(REPO / "params.yaml")
+
+
+def train_config(**changes):
+    """The committed params.yaml's shared `train:` section with ``changes``."""
+    return dataclasses.replace(repo_params().train, **changes)
+
+
 def make_spec(arch: str = "linear", hparams: dict | None = None, model: str | None = None, **train):
-    """A run spec made directly (not from params.yaml), for tests of one piece."""
-    from fmnist import config, runspec
+    """A run spec made directly (any architecture and hyperparameters, the committed params.yaml's
+    shared settings with ``train`` changes), for tests of one piece."""
+    from fmnist import runspec
 
     name = model or arch
     return runspec.RunSpec(model=name, arch=arch, hparams=dict(hparams or {}), seed=42, loss="ce", focal=None,
-                           data=config.DataConfig(), train=config.TrainConfig(**train),
-                           evaluate=config.EvalConfig(), paths=runspec.RunPaths.of(name))
+                           data=repo_params().data, train=train_config(**train), evaluate=repo_params().evaluate,
+                           paths=runspec.RunPaths.of(name))

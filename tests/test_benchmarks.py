@@ -25,7 +25,7 @@ def test_same_recipe_is_the_published_one():
         tc = spec.train
         assert (tc.epochs, tc.batch_size, tc.optimizer, tc.lr, tc.momentum, tc.weight_decay, tc.schedule) == (
             3, 32, "sgd", 0.1, 0.0, 0.0, "none")
-        assert tc.augment == config.AugmentConfig() and tc.label_smoothing == 0 and spec.loss == "ce"
+        assert tc.augment == config.AugmentConfig(flip=False, shift=0, erase=0.0) and tc.label_smoothing == 0 and spec.loss == "ce"
         assert spec.hparams == hparams and not spec.evaluate.tta_flip
 
 

@@ -123,7 +123,7 @@ def test_log_softmax_model_gives_the_same_loss_as_its_logits(name, kw):
     x, target = torch.randn(8, 1, 28, 28), torch.arange(8)
     logits = model[:-1](x)  # the same network without its LogSoftmax
     logp = model(x)
-    fn = losses.make_loss(name, kw.get("focal", FocalConfig()), kw.get("label_smoothing", 0.0))
+    fn = losses.make_loss(name, kw.get("focal"), kw.get("label_smoothing", 0.0))
     torch.testing.assert_close(fn(logp, target), fn(logits, target))
     torch.testing.assert_close(fn(logp, target, reduction="none"), fn(logits, target, reduction="none"))
 
@@ -164,4 +164,6 @@ def test_loss_is_chosen_by_params_yaml():
     torch.testing.assert_close(losses.make_loss(spec.loss, spec.focal)(scores, target).double(),
                                focal_reference(scores, target, 2.0, 0.5).mean(), rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="unknown loss"):
-        losses.make_loss("hinge", FocalConfig())
+        losses.make_loss("hinge")
+    with pytest.raises(ValueError, match="params.yaml `focal:`"):  # no gamma or alpha of the code's own
+        losses.make_loss("focal")

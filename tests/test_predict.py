@@ -12,10 +12,9 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from conftest import make_spec
+from conftest import make_spec, train_config
 from fmnist import checkpoint, cli
 from fmnist.commands import predict
-from fmnist.config import TrainConfig
 from fmnist.core import engine, losses, models
 from fmnist.data.images import ImageError, load_image
 from fmnist.data import CLASSES
@@ -27,7 +26,8 @@ def trained(processed_dir: Path, tmp_path: Path) -> Path:
     """A linear model trained for a few epochs on the synthetic splits (a second or two)."""
     train, val, stats = (load_split("train", processed_dir), load_split("val", processed_dir),
                          load_stats(processed_dir))
-    cfg = TrainConfig(epochs=4, batch_size=32, lr=0.01, schedule="none", device="cpu", precision="fp32")
+    cfg = train_config(epochs=4, batch_size=32, lr=0.01, weight_decay=0.0, schedule="none", device="cpu",
+                       precision="fp32")
     engine.seed_everything(0)
     model = models.build("linear")
     engine.fit(model, train, val, stats, cfg, losses.cross_entropy, seed=0, device=torch.device("cpu"))

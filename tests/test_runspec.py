@@ -79,3 +79,30 @@ def test_resolve_checks_hyperparameters_against_the_registry():
     raw = config.params.read(PARAMS, ["+models.wide.arch=mlp512", "+models.wide.hiddn=3"])
     with pytest.raises(ConfigError, match=r"^models\.wide\.hiddn: unknown hyperparameter of mlp512"):
         runspec.resolve(config.validate(raw))
+
+
+def test_cell_names_everything_but_the_seed():
+    base = specs(params=PARAMS)
+    assert base["fmnet"].cell.startswith("fmnet/ce/project/") and len(base["fmnet"].cell.rsplit("/", 1)[1]) == 8
+    assert len({s.cell for s in base.values()}) == len(base)  # one cell per model
+    for seed in ("seed=1", "seed=7"):  # the seeds of one cell
+        assert specs(seed, params=PARAMS)["fmnet"].cell == base["fmnet"].cell
+    for change, model in (("train.lr=0.01", "mlp512"), ("train.weight_decay=0.01", "fmnet"),
+                          ("models.fmnet.train.epochs=9", "fmnet"), ("models.fmnet.stem=8", "fmnet"),
+                          ("data.val_fraction=0.2", "mlp512"), ("recipe=published", "mlp512"),
+                          ("loss=focal", "mlp512"), ("train.augment.erase=0.1", "fmnet")):
+        assert specs(change, params=PARAMS)[model].cell != base[model].cell, change
+    focal = specs("loss=focal", params=PARAMS)["fmnet"]
+    assert focal.cell.startswith("fmnet/focal/project/")
+    assert specs("loss=focal", "focal.gamma=1", params=PARAMS)["fmnet"].cell != focal.cell
+    assert specs("evaluate.tta_flip=false", params=PARAMS)["fmnet"].cell == base["fmnet"].cell  # not training
+    assert specs("recipe=published", params=PARAMS)["linear"].cell.startswith("linear/ce/published/")
+
+
+def test_pair_key_joins_the_ce_and_focal_runs_of_one_setting():
+    ce, focal = specs(params=PARAMS)["fmnet"], specs("loss=focal", "focal.gamma=1", "seed=3", params=PARAMS)["fmnet"]
+    assert ce.pair_key == focal.pair_key and ce.cell != focal.cell
+    assert ce.pair_key.startswith("fmnet/project/") and len(ce.pair_key.rsplit("/", 1)[1]) == 8
+    assert specs("train.weight_decay=0.01", params=PARAMS)["fmnet"].pair_key != ce.pair_key
+    assert specs("recipe=published", params=PARAMS)["mlp"].pair_key != specs(params=PARAMS)["mlp"].pair_key
+    assert RunSpec.from_dict(ce.to_dict()).cell == ce.to_dict()["cell"] == ce.cell  # stored with the checkpoint

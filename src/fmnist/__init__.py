@@ -1,6 +1,6 @@
 """fmnist: a reproducible Fashion-MNIST training pipeline."""
 
-__version__ = "0.2.0"
+__version__ = "0.2.0"  # the one version: pyproject.toml reads it (setuptools dynamic version)
 
 
 class FmnistError(Exception):

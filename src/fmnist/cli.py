@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
         s = add(name, func, text)
         s.add_argument("model", help="a key of params.yaml's `models:`")
         s.add_argument("--set", action="append", metavar="KEY=VALUE",
-                       help="override a param, as `dvc exp run -S` (repeatable), e.g. --set train.lr=0.01")
+                       help="override a param with `dvc exp run -S`'s grammar (repeatable), e.g. --set train.lr=0.01; "
+                            "+key=value adds a key; sweeps need `dvc exp run --queue -S`")
         if name == "train":
             s.add_argument("--resume", action="store_true",
                            help="continue from models/MODEL.resume.pt (under dvc repro: FMNIST_RESUME=1)")

@@ -59,13 +59,15 @@ def focal_loss(scores: torch.Tensor, target: torch.Tensor, gamma: float = 2.0,
 
 
 def make_loss(name: str, focal: FocalConfig | None = None, label_smoothing: float = 0.0) -> LossFn:
-    """The training objective named by params.yaml's ``loss`` (``focal`` holds its gamma and alpha)."""
+    """The training objective named by params.yaml's ``loss`` (``focal`` holds its gamma and alpha,
+    params.yaml's ``focal:``; a run spec has it when its loss is focal)."""
     if name == "ce":
         def ce(scores: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
             return cross_entropy(scores, target, label_smoothing, reduction)
         return ce
     if name == "focal":
-        focal = focal or FocalConfig()
+        if focal is None:
+            raise ValueError("the focal loss needs its gamma and alpha (params.yaml `focal:`)")
         alpha = torch.tensor(focal.alpha) if isinstance(focal.alpha, tuple) else focal.alpha
 
         def fl(scores: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
