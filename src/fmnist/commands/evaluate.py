@@ -13,6 +13,7 @@ import torch
 
 from fmnist import checkpoint
 from fmnist.core import engine, metrics
+from fmnist.core.device import select_device
 from fmnist.data import CLASSES
 from fmnist.data.loader import load_split
 from fmnist.files import remove_stale, write_csv, write_json
@@ -30,7 +31,7 @@ def run(spec: RunSpec) -> dict:
     if ck.spec.params_hash != spec.params_hash:
         log.warning("%s was trained with other params than params.yaml gives now; `dvc repro` retrains it", out.model)
     test = load_split("test", out.processed)
-    device = engine.select_device(spec.train.device)
+    device = select_device(spec.train.device)
     logp = engine.predict(model.to(device), test, ck.stats, batch_size=spec.evaluate.batch_size, device=device,
                           bf16=ck.bf16, tta_flip=spec.evaluate.tta_flip)
     scores = metrics.score(logp, test.labels)
