@@ -1,8 +1,10 @@
 """train@MODEL: fit one model; write models/MODEL.pt, its metrics and its history.
 
-After every epoch the whole training state goes to models/MODEL.resume.pt, so
+After every epoch the whole training state goes to .fmnist/resume/MODEL.pt, so
 ``fmnist train MODEL --resume`` (or ``FMNIST_RESUME=1 dvc repro``) continues an
-interrupted run from its last finished epoch to the same final result.
+interrupted run from its last finished epoch to the same final result. The file lies
+outside the folders that stages depend on (models/, reports/), so the one an interrupted
+run leaves behind changes no stage's dependencies.
 """
 
 from __future__ import annotations
