@@ -2,7 +2,8 @@
 
   lock         the committed dvc.lock still matches the committed code and params
   smoke        rewrite params.yaml into the smoke profile (or --print the `dvc exp run -S` set)
-  noop         a second `dvc repro` runs no stage, within 5 seconds
+  noop         a second `dvc repro` runs no stage (register included), within 5 seconds, and the
+               register stage recorded the model the validation rule picks
   force STAGE  `dvc repro --force` of one train stage gives identical metrics and weights
   runcache     evaluation settings retrain nothing; after `dvc exp run -S loss=focal`, going back to
                `-S loss=ce` restores every train and evaluate stage from DVC's run-cache, within 60 s
@@ -102,6 +103,29 @@ def noop() -> int:
     if dt > 5:
         print("noop: slower than the 5 s goal", file=sys.stderr)
         return 1
+    return champion()
+
+
+def champion() -> int:
+    """reports/champion.json (the register stage's record) names the model that the validation rule
+    picks from the evaluations, the same one the report names best."""
+    from fmnist import runspec, selection
+
+    record = Path("reports/champion.json")
+    if not record.is_file():
+        print(f"noop: {record} missing: the register stage did not run", file=sys.stderr)
+        return 1
+    got = json.loads(record.read_text())
+    evals = {m: json.loads(s.paths.eval_metrics.read_text()) for m, s in runspec.load("params.yaml").items()}
+    chosen = selection.ranked(evals)[0]
+    if got.get("model") != chosen:
+        print(f"noop: {record} names {got.get('model')}; the validation rule picks {chosen}", file=sys.stderr)
+        return 1
+    if f"Best model: **{chosen}**" not in Path("reports/report.md").read_text():
+        print(f"noop: reports/report.md does not name {chosen} best, as the validation rule does", file=sys.stderr)
+        return 1
+    print(f"noop: {chosen} is version {got['version']} of {got['registered_model']}; @{got['alias']} on version "
+          f"{got['alias_version']}")
     return 0
 
 

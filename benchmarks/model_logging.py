@@ -10,7 +10,7 @@ system-metrics sampler): the reference.
 A short training (one epoch of a subset) is enough: none of the three depends on how long the model
 trained, and the training before them has already imported what the optimiser needs (torch._dynamo,
 which torch.export needs too). One JSON line per model: both stage times, their difference, and the
-time of each addition measured inside the stage; then the report stage's registration of the
+time of each addition measured inside the stage; then the register stage's registration of the
 champion; then the totals against the budgets (5 s a model, 40 s the whole pipeline). Exits 1 naming
 a missed budget.
 """
@@ -94,7 +94,7 @@ def _run_stage(model: str, argv: list[str], ws: Path, store: str, without: bool)
 
 
 def _registration(store: str) -> dict:
-    """The report stage's part: register the best of the runs as the champion, as the report does (the
+    """The register stage's part: register the best of the runs as the champion, as the stage does (the
     first time, so the registered model is created too), timed with MLflow already imported."""
     from fmnist import runspec, tracking
     from fmnist.tracking import registry
@@ -104,10 +104,8 @@ def _registration(store: str) -> dict:
     spec = runspec.load("params.yaml")[best["tags"]["model"]]
     t = time.perf_counter()
     champ = registry.promote(spec, best["run_id"], best["metrics"]["val_accuracy"])
-    seconds = time.perf_counter() - t
-    if champ is None:
-        raise SystemExit(f"the champion was not registered in {store} (see the warning above)")
-    return {"comparison": "report: register the champion", "model": spec.model, "version": champ.version,
+    seconds = time.perf_counter() - t  # a store that refuses it raises: the benchmark fails naming it
+    return {"comparison": "register: the champion", "model": spec.model, "version": champ.version,
             "seconds": round(seconds, 3)}
 
 

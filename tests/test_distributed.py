@@ -86,7 +86,7 @@ def test_a_killed_worker_stops_the_run_and_leaves_nothing(tmp_path, processed_di
     proc = start(["train", "linear", "--nproc", "2", "--no-progress", "--set", "train.batch_size=4",
                   "--set", "train.epochs=20"], repo)
     try:
-        wait_for_versions(repo / "models/linear.resume.pt", 1, proc, timeout=120)  # epoch 1 done
+        wait_for_versions(repo / ".fmnist/resume/linear.pt", 1, proc, timeout=120)  # epoch 1 done
         ranks = {}
         for _ in range(100):
             ranks = _rank_pids(proc.pid)
@@ -115,13 +115,13 @@ def test_an_interrupted_distributed_run_resumes_to_the_uninterrupted_result(tmp_
     repo = make_repo(tmp_path / "repo", processed_dir)
     proc = start(["train", "linear", "--nproc", "2", "--no-progress", *SETS, *sets], repo)
     try:
-        wait_for_versions(repo / "models/linear.resume.pt", 2, proc, timeout=120)  # two epochs done
+        wait_for_versions(repo / ".fmnist/resume/linear.pt", 2, proc, timeout=120)  # two epochs done
         proc.send_signal(signal.SIGINT)  # Ctrl-C: torchrun stops its workers
         proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert not (repo / "models/linear.pt").exists() and (repo / "models/linear.resume.pt").exists()
+    assert not (repo / "models/linear.pt").exists() and (repo / ".fmnist/resume/linear.pt").exists()
     res = train(repo, "linear", "--nproc", "2", "--resume", *sets)
     assert res.returncode == 0, res.stderr
     assert "resume: continuing from epoch" in res.stderr

@@ -54,6 +54,10 @@ def assert_nothing_kept(root: Path, name: str) -> None:
     assert not (root / p.model).exists()
     assert not (root / p.train_metrics).exists() and not (root / p.history).exists()
     assert temp_files(root) == []
+    # The state kept for --resume lies outside models/, which the report and register stages depend on
+    # as a whole: an interrupted training changes no stage's dependencies.
+    assert (root / p.resume).is_file()
+    assert not (root / "models").exists() or not any((root / "models").iterdir())
 
 
 def reference(repo: Path, processed_dir: Path, monkeypatch, fmnist, *args: str) -> dict:
@@ -70,7 +74,7 @@ def reference(repo: Path, processed_dir: Path, monkeypatch, fmnist, *args: str) 
 def test_sigint_mid_epoch_keeps_nothing_then_resume_matches_uninterrupted(repo, processed_dir, fmnist,
                                                                           monkeypatch, caplog):
     proc = start(["train", "linear", "--no-progress", *SUBPROCESS_SETS], repo)
-    t1, t2 = wait_for_versions(repo / "models/linear.resume.pt", 2, proc)  # epochs 1 and 2 done
+    t1, t2 = wait_for_versions(repo / ".fmnist/resume/linear.pt", 2, proc)  # epochs 1 and 2 done
     time.sleep((t2 - t1) / 2)  # the middle of epoch 3
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -80,7 +84,7 @@ def test_sigint_mid_epoch_keeps_nothing_then_resume_matches_uninterrupted(repo, 
     assert "Traceback" not in err
     assert_nothing_kept(repo, "linear")
     assert not (repo / "reports").exists()
-    state = checkpoint.load_file(repo / "models/linear.resume.pt")
+    state = checkpoint.load_file(repo / ".fmnist/resume/linear.pt")
     assert 2 <= state["state"]["epoch"] < EPOCHS  # the last completed epoch; the interrupted one is not kept
     [killed] = runs(repo / "mlflow.db", "linear")
     assert killed.info.status == "KILLED"
@@ -90,7 +94,7 @@ def test_sigint_mid_epoch_keeps_nothing_then_resume_matches_uninterrupted(repo, 
         rc, _, err = fmnist("train", "linear", "--resume", *SUBPROCESS_SETS)
     assert rc == 0, err
     assert f"continuing from epoch {state['state']['epoch']}" in caplog.text
-    assert not (repo / "models/linear.resume.pt").exists()
+    assert not (repo / ".fmnist/resume/linear.pt").exists()
     [resumed] = runs(repo / "mlflow.db", "linear")
     assert resumed.info.run_id == killed.info.run_id and resumed.info.status == "FINISHED"
     assert_same(expected, outputs(repo, "linear"))
@@ -99,7 +103,7 @@ def test_sigint_mid_epoch_keeps_nothing_then_resume_matches_uninterrupted(repo, 
 def test_sigkill_mid_epoch_run_is_reaped_and_next_run_is_clean(repo, processed_dir, fmnist, monkeypatch, caplog):
     proc = start(["train", "linear", "--no-progress", "--set", "train.batch_size=4", "--set", "train.epochs=50"],
                  repo)
-    t1, t2 = wait_for_versions(repo / "models/linear.resume.pt", 2, proc)
+    t1, t2 = wait_for_versions(repo / ".fmnist/resume/linear.pt", 2, proc)
     time.sleep((t2 - t1) / 2)
     proc.kill()
     proc.communicate(timeout=30)
@@ -121,7 +125,7 @@ def test_sigkill_mid_epoch_run_is_reaped_and_next_run_is_clean(repo, processed_d
     assert rc == 0, err
     assert "made with other params; training from the start" in caplog.text
     assert temp_files(repo) == []
-    assert not (repo / "models/linear.resume.pt").exists()
+    assert not (repo / ".fmnist/resume/linear.pt").exists()
     reaped, new = runs(repo / "mlflow.db", "linear")
     assert reaped.info.run_id == orphan.info.run_id and reaped.info.status == "KILLED"
     assert new.info.status == "FINISHED"
@@ -156,7 +160,7 @@ def test_sigterm_mid_epoch_ends_like_ctrl_c(repo, fmnist, monkeypatch):
     rc, _, err = fmnist("train", "linear", "--set", "train.batch_size=64", "--set", "train.epochs=3")
     assert rc == 130, err
     assert_nothing_kept(repo, "linear")
-    assert checkpoint.load_file(repo / "models/linear.resume.pt")["state"]["epoch"] == 2
+    assert checkpoint.load_file(repo / ".fmnist/resume/linear.pt")["state"]["epoch"] == 2
     assert [r.info.status for r in runs(repo / "mlflow.db", "linear")] == ["KILLED"]
 
 
@@ -178,7 +182,7 @@ def test_train_resume_param_restores_rng_state_exactly(repo, processed_dir, monk
         interrupt_at_batch(m, 2 * STEPS_PER_EPOCH + 8)  # the middle of epoch 3
         with pytest.raises(KeyboardInterrupt):
             train.run(spec)
-    resume_file = repo / "models/ffn_bn.resume.pt"
+    resume_file = repo / ".fmnist/resume/ffn_bn.pt"
     saved = checkpoint.load_file(resume_file)
     assert saved["state"]["epoch"] == 2
     assert runs(repo / "mlflow.db", "ffn_bn")[-1].info.status == "KILLED"

@@ -180,11 +180,11 @@ def test_crafted_files_refused_by_the_stages(repo, fmnist):
     assert "models/linear.pt: refused" in one_line(err, "evaluate")
     assert not marker.exists() and tree(repo) == before
 
-    crafted(repo / "models/linear.resume.pt", marker, "zip")
+    crafted(repo / ".fmnist/resume/linear.pt", marker, "zip")
     before = tree(repo)
     rc, _, err = fmnist("train", "linear", "--resume")
     assert rc == 1
-    assert "models/linear.resume.pt: refused" in one_line(err, "train")
+    assert ".fmnist/resume/linear.pt: refused" in one_line(err, "train")
     assert not marker.exists() and tree(repo) == before
 
     crafted(repo / "data/processed/train.pt", marker, "zip")

@@ -11,12 +11,13 @@ import pytest
 import yaml
 
 from conftest import REPO, specs
-from fmnist import checkpoint, published
+from fmnist import checkpoint, published, stats
 from fmnist.commands import report
 from fmnist.core import models
 from fmnist.data import CLASSES
 from fmnist.data.loader import Stats, load_split
-from fmnist.files import write_csv, write_json
+from fmnist.files import atomic_path, write_csv, write_json
+from fmnist.runspec import RunPaths
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -32,9 +33,10 @@ def write_params(root: Path, names: list[str], processed: Path, *overrides: str,
     return specs(*overrides, params=root / "params.yaml")
 
 
-def fake_results(specs: dict, accuracy: dict[str, float]):
-    """What train@M and evaluate@M would write: metrics, history, predictions, per-class scores and
-    a checkpoint (an untrained model of the right architecture)."""
+def fake_results(specs: dict, accuracy: dict[str, float], val: dict[str, tuple[float, float]] | None = None):
+    """What train@M and evaluate@M would write: metrics, history, predictions, per-class scores,
+    calibration bins and a checkpoint (an untrained model of the right architecture). ``val``: each
+    model's validation accuracy and NLL (default: the test accuracy, and 1 minus it)."""
     test = load_split("test")
     for k, (name, spec) in enumerate(specs.items()):
         model = models.build(spec.arch, spec.hparams)
@@ -46,25 +48,41 @@ def fake_results(specs: dict, accuracy: dict[str, float]):
         write_json(f"reports/train/{name}/metrics.json",
                    {"epochs": epochs, "best_epoch": epochs, "train_time_s": 10.0 * (k + 1), "images_per_s": 540.0,
                     "n_parameters": models.count_parameters(model), "n_train": 540})
-        # Wrong on the first (1 - accuracy) share of the test images: predicted as the next class.
-        n_wrong = round((1 - accuracy[name]) * len(test))
-        rows = []
-        for i, (idx, y) in enumerate(zip(test.index.tolist(), test.labels.tolist())):
-            p = (y + 1) % 10 if i < n_wrong else y
-            rows.append({"index": idx, "actual": CLASSES[y], "predicted": CLASSES[p],
-                         "confidence": round(0.5 + 0.4 * ((i * 7) % 10) / 10, 4)})
-        write_csv(f"reports/eval/{name}/predictions.csv", rows)
-        write_json(f"reports/eval/{name}/per_class.json",
-                   {c: {"precision": 0.9, "recall": 0.8, "f1": 0.85} for c in CLASSES})
-        write_json(f"reports/eval/{name}/metrics.json",
-                   {"test_accuracy": accuracy[name], "test_loss": 1 - accuracy[name], "macro_f1": 0.85})
+        fake_eval(name, accuracy[name], *(val or {}).get(name, (accuracy[name], 1 - accuracy[name])))
+
+
+def fake_eval(name: str, accuracy: float, val_accuracy: float, val_nll: float) -> None:
+    """What evaluate@M would write, with these test and validation figures."""
+    test = load_split("test")
+    # Wrong on the first (1 - accuracy) share of the test images: predicted as the next class.
+    n_wrong = round((1 - accuracy) * len(test))
+    rows = []
+    for i, (idx, y) in enumerate(zip(test.index.tolist(), test.labels.tolist())):
+        p = (y + 1) % 10 if i < n_wrong else y
+        rows.append({"index": idx, "actual": CLASSES[y], "predicted": CLASSES[p],
+                     "confidence": round(0.5 + 0.4 * ((i * 7) % 10) / 10, 4)})
+    write_csv(f"reports/eval/{name}/predictions.csv", rows)
+    write_json(f"reports/eval/{name}/per_class.json",
+               {c: {"precision": 0.9, "recall": 0.8, "f1": 0.85} for c in CLASSES})
+    write_json(f"reports/eval/{name}/metrics.json",
+               {"test_accuracy": accuracy, "test_nll": 1 - accuracy, "test_nll_se": 0.01, "test_ece": 0.0512,
+                "test_brier": 0.2, "test_nll_ts": 0.9 - accuracy, "test_ece_ts": 0.0123, "test_brier_ts": 0.19,
+                "temperature": 1.5, "val_accuracy": val_accuracy, "val_nll": val_nll, "macro_f1": 0.85})
+    # 15 bins, the lower ones empty (empty cells), as the evaluate stage writes them
+    bins = [{"bin_lo": b / 15, "bin_hi": (b + 1) / 15, "count": 0, "confidence": "", "accuracy": "",
+             "count_ts": 0, "confidence_ts": "", "accuracy_ts": ""} for b in range(15)]
+    for b in range(7, 15):
+        mid = (b + 0.5) / 15
+        bins[b].update(count=10 * b, confidence=mid, accuracy=mid - 0.05, count_ts=10 * b, confidence_ts=mid - 0.03,
+                       accuracy_ts=mid - 0.04)
+    write_csv(f"reports/eval/{name}/calibration.csv", bins)
 
 
 def linked_figures(md: str) -> list[str]:
     return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
 
 
-def table_rows(md: str, ncells: int = 11, key: int = 1) -> dict[str, str]:
+def table_rows(md: str, ncells: int = 14, key: int = 1) -> dict[str, str]:
     """The rows of the markdown table with ``ncells`` cells, by the model named in cell ``key``."""
     rows = {}
     for line in md.splitlines():
@@ -100,13 +118,42 @@ def test_report_rows_best_published_and_figures(workdir, processed_dir):
     names = sorted(Path(p).name for p in linked_figures(md))
     # best fully connected model: linear; best CNN: cnn_bn; kernels of the best CNN (cnn_bn) only once
     assert names == sorted(["accuracy_time.png", "loss_curves.png", "data_samples.png", "confusion_best.png",
-                            "correct_linear.png", "misclassified_linear.png", "correct_cnn_bn.png",
+                            "reliability.png", "correct_linear.png", "misclassified_linear.png", "correct_cnn_bn.png",
                             "misclassified_cnn_bn.png", "kernels_cnn_bn.png"])
     assert "First conv layer of cnn_bn" in md  # the best model has no conv layer; the best CNN is used
     for link in linked_figures(md):
         assert (path.parent / link).read_bytes().startswith(PNG_MAGIC), link
     assert sorted(p.name for p in report.FIGURES.iterdir()) == names  # nothing else in the folder
     assert "timestamp" not in md.lower() and not re.search(r"\d{4}-\d\d-\d\d", md)
+
+
+def test_the_best_model_is_chosen_on_validation_and_tested_against_the_runner_up(workdir, processed_dir):
+    s = write_params(workdir, ["linear", "mlp", "tinyvgg"], processed_dir)
+    # linear is the most accurate on the test set, but not on validation; mlp and tinyvgg tie on
+    # validation accuracy, and mlp has the lower validation NLL.
+    fake_results(s, {"linear": 0.90, "mlp": 0.80, "tinyvgg": 0.79},
+                 val={"linear": (0.80, 0.50), "mlp": (0.85, 0.30), "tinyvgg": (0.85, 0.35)})
+    md = report.run(s).read_text()
+    rows = table_rows(md)
+    assert "★ best" in rows["mlp"] and "best" not in rows["linear"] + rows["tinyvgg"]
+    assert "Best model: **mlp**" in md and "validation accuracy **85.00%**" in md
+    assert "the highest validation accuracy (ties: the lower validation NLL" in md
+    n_test = len(load_split("test"))
+    lo, hi = stats.wilson(round(0.9 * n_test), n_test)
+    assert f"| 90.00% ({100 * lo:.2f}–{100 * hi:.2f}) |" in rows["linear"]  # the 95% interval, Wilson
+    assert "| 80.00% | 90.00% (" in rows["linear"]  # validation, then test accuracy
+    assert "| 0.1000 | 5.12% | 1.23% |" in rows["linear"]  # test NLL, ECE before and after temperature scaling
+    # McNemar, best against the runner-up: mlp is wrong on the first 40 test images, tinyvgg on the first 42
+    m = stats.mcnemar([i >= 40 for i in range(n_test)], [i >= 42 for i in range(n_test)])
+    assert (m.only_a, m.only_b) == (2, 0)
+    assert (f"McNemar's exact test on the same {n_test} test images: only mlp right on 2, only tinyvgg right on 0 "
+            f"(both right on {n_test - 42}, both wrong on 40); p = 0.5: no difference shown.") in md
+    assert (report.FIGURES / "reliability.png").read_bytes().startswith(PNG_MAGIC)
+
+    fake_eval("tinyvgg", 0.60, 0.85, 0.35)  # now clearly worse on the test set
+    md = report.run(s).read_text()
+    assert "only mlp right on 40, only tinyvgg right on 0" in md and "in favour of mlp" in md
+    assert "★ best" in table_rows(md)["mlp"]  # the test set still decides nothing
 
 
 def test_under_the_published_recipe_the_report_subtracts(workdir, processed_dir):
@@ -180,7 +227,8 @@ def test_dvc_yaml_report_stage_and_plots_cover_every_model():
     names = list(yaml.safe_load((REPO / "params.yaml").read_text())["models"])
     stage = dvc["stages"]["report"]
     assert stage["cmd"] == "fmnist report"
-    assert {"reports/train", "reports/eval", "models"} <= set(stage["deps"]) and stage["params"] == ["loss", "recipe", "models"]
+    assert {"reports/train", "reports/eval", "models"} <= set(stage["deps"])
+    assert stage["params"] == ["loss", "recipe", "train.label_smoothing", "models"]
     outs = {k: v for o in stage["outs"] for k, v in o.items()}
     assert outs == {"reports/report.md": {"cache": False}, "reports/figures": {"cache": False}}
 
@@ -210,3 +258,42 @@ def test_train_and_evaluate_stages_can_use_the_run_cache():
             assert opts.get("cache", True), f"{name}: {path} is a plain output with cache: false"
     assert dvc["stages"]["evaluate"]["do"]["params"] == ["evaluate"]  # evaluation settings never retrain
     assert "evaluate" not in dvc["stages"]["train"]["do"]["params"]
+
+
+def stage_paths(dvc: dict, models: list[str]) -> dict[str, set[Path]]:
+    """Every path a stage of dvc.yaml depends on or writes, foreach stages expanded for ``models``."""
+    out: dict[str, set[Path]] = {}
+    for name, stage in dvc["stages"].items():
+        body, keys = (stage["do"], models) if "foreach" in stage else (stage, [None])
+        for key in keys:
+            paths = set()
+            for section in ("deps", "outs", "metrics", "plots"):
+                for entry in body.get(section, []):
+                    path = next(iter(entry)) if isinstance(entry, dict) else entry
+                    paths.add(Path(path.replace("${key}", key or "")))
+            out[f"{name}@{key}" if key else name] = paths
+    return out
+
+
+def test_no_working_file_lands_in_what_a_stage_depends_on(tmp_path):
+    """An interrupted training leaves its resume state, and a killed writer its temp file: neither may
+    change a stage's dependencies (the report and register stages depend on models/ as a whole)."""
+    from dvc.repo import Repo
+
+    models = list(yaml.safe_load((REPO / "params.yaml").read_text())["models"])
+    paths = stage_paths(yaml.safe_load((REPO / "dvc.yaml").read_text()), models)
+    assert Path("models") in paths["report"] and Path("models") in paths["register"]
+    for m in models:
+        resume = RunPaths.of(m).resume
+        inside = [f"{stage}: {p}" for stage, ps in paths.items() for p in ps if resume.is_relative_to(p)]
+        assert not inside, f"{resume} lies in what a stage depends on or writes: {inside}"
+
+    # fmnist.files writes .NAME.XXXX.tmp beside each output; DVC must not hash one a killed writer left
+    with atomic_path(tmp_path / "models" / "linear.pt") as tmp:
+        left = tmp.name
+    Repo.init(str(tmp_path / "dvc"), no_scm=True)
+    shutil.copy(REPO / ".dvcignore", tmp_path / "dvc" / ".dvcignore")
+    ignore = Repo(str(tmp_path / "dvc")).dvcignore
+    for folder in ("models", "reports/eval/linear", "reports/figures", "data/processed"):
+        assert ignore.is_ignored_file(str(tmp_path / "dvc" / folder / left)), folder
+    assert not ignore.is_ignored_file(str(tmp_path / "dvc" / "models" / "linear.pt"))

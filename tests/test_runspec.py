@@ -29,7 +29,7 @@ def test_every_spec_survives_the_round_trip_through_plain_values():
 
 def test_paths_name_every_file_of_a_model():
     p = RunPaths.of("tinyvgg")
-    assert (p.model, p.resume) == (Path("models/tinyvgg.pt"), Path("models/tinyvgg.resume.pt"))
+    assert (p.model, p.resume) == (Path("models/tinyvgg.pt"), Path(".fmnist/resume/tinyvgg.pt"))
     assert (p.history, p.train_metrics) == (Path("reports/train/tinyvgg/history.csv"),
                                             Path("reports/train/tinyvgg/metrics.json"))
     assert (p.eval_metrics, p.per_class, p.predictions) == (

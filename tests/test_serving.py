@@ -1,6 +1,6 @@
 """Models leave the lab: every training logs an MLflow Model (pt2, loads without unpickling code), the
-report registers the best as the `champion` of `fashion-mnist`, `mlflow models serve` answers with
-the probabilities `fmnist predict` gives, and `fmnist predict` takes a model URI."""
+register stage registers the best (on validation) as the `champion` of `fashion-mnist`, `mlflow models
+serve` answers with the probabilities `fmnist predict` gives, and `fmnist predict` takes a model URI."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from mlflow import MlflowClient
 from conftest import specs
 from fmnist import checkpoint
 from fmnist.tracking import registry
-from fmnist.commands import predict, report
+from fmnist.commands import predict, register
+from fmnist.files import write_json
 from fmnist.data.loader import load_split
 from reliability_helpers import env, free_port, make_repo, runs, wait_for_http
 
@@ -101,25 +102,29 @@ def test_pyfunc_model_scores_the_test_set_as_the_evaluate_stage_did(trained, sto
 def test_champion_moves_only_on_a_better_model_and_a_rerun_registers_nothing(trained, store):
     root, sets = trained
     two = {k: v for k, v in specs(*sets).items() if k in ("linear", "tinyvgg")}
-    accuracy = {m: json.loads((root / "reports/eval" / m / "metrics.json").read_text())["test_accuracy"] for m in two}
-    best, other = sorted(two, key=lambda m: -accuracy[m])
+    evals = {m: json.loads((root / "reports/eval" / m / "metrics.json").read_text()) for m in two}
+    # The stage chooses on validation: the less accurate model on the test set is made the better there.
+    best, other = sorted(two, key=lambda m: (evals[m]["test_accuracy"], m))
+    for m, val in ((best, 0.9), (other, 0.8)):
+        write_json(root / "reports/eval" / m / "metrics.json", {**evals[m], "val_accuracy": val, "val_nll": 1 - val})
 
-    # the report stage registers its best model, tagged, and points the alias at it
-    report.run(two)
+    # the register stage registers the best model, tagged, and points the alias at it
+    register.run(two)
     [v] = store.search_model_versions("name = 'fashion-mnist'")
     assert v.run_id == run_id(root, best) and str(store.get_model_version_by_alias("fashion-mnist", "champion").version) == str(v.version)
     assert {k: v.tags[k] for k in ("model", "loss", "recipe")} == {"model": best, "loss": "ce", "recipe": "project"}
-    assert float(v.tags["test_accuracy"]) == accuracy[best] and "git_commit" in v.tags and "dvc_exp_name" in v.tags
-    report.run(two)  # the same best run again: no second version
+    assert float(v.tags["val_accuracy"]) == 0.9 and float(v.tags["test_accuracy"]) == evals[best]["test_accuracy"]
+    assert "git_commit" in v.tags and "dvc_exp_name" in v.tags
+    register.run(two)  # the same best run again: no second version
     assert len(store.search_model_versions("name = 'fashion-mnist'")) == 1
 
-    # another run: registered as a new version, the alias moves only when it is more accurate
-    worse = registry.register_champion(run_id(root, other), accuracy[best] - 0.01, {"model": other})
+    # another run: registered as a new version, the alias moves only when it is more accurate on validation
+    worse = registry.register_champion(run_id(root, other), 0.9 - 0.01, {"model": other}, test_accuracy=1.0)
     assert worse.new and not worse.moved and worse.previous == str(v.version)
     assert str(store.get_model_version_by_alias("fashion-mnist", "champion").version) == str(v.version)
-    again = registry.register_champion(run_id(root, other), accuracy[best] - 0.01, {"model": other})
+    again = registry.register_champion(run_id(root, other), 0.9 - 0.01, {"model": other})
     assert (again.new, again.moved, again.version) == (False, False, worse.version)
-    better = registry.register_champion(run_id(root, other), accuracy[best] + 0.01, {"model": other})
+    better = registry.register_champion(run_id(root, other), 0.9 + 0.01, {"model": other})
     assert not better.new and better.moved and better.version == worse.version
     versions = store.search_model_versions("name = 'fashion-mnist'")
     assert len(versions) == 2 and {x.run_id for x in versions} == {run_id(root, m) for m in two}

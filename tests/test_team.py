@@ -190,7 +190,7 @@ def test_server_that_goes_away_mid_training(server, tmp_path, processed_dir):
     args = ["train", "linear", "--no-progress", "--set", f"train.epochs={epochs}", "--set", "train.batch_size=16"]
     fast = {"MLFLOW_TRACKING_URI": server.uri, "MLFLOW_EXPERIMENT_NAME": "server-goes-away",
             "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
-    resume = ws / "models" / "linear.resume.pt"
+    resume = ws / ".fmnist/resume/linear.pt"
     try:
         proc = start(args, ws, **fast)
         try:

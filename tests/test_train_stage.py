@@ -62,7 +62,7 @@ def test_train_writes_model_metrics_and_history(repo):
     assert saved["train_accuracy"] == float(last["train_accuracy"])
     assert saved["n_parameters"] == models.count_parameters(models.build("linear", {"hidden": 10}))
     assert 0 < saved["train_time_s"] <= float(last["elapsed_s"]) + 0.01
-    assert not (repo / "models/linear.resume.pt").exists()  # the resume state goes once the run is done
+    assert not (repo / ".fmnist/resume/linear.pt").exists()  # the resume state goes once the run is done
 
     model, ckpt = checkpoint.load(repo / "models/linear.pt")
     assert ckpt.spec == s and ckpt.spec.params_hash == s.params_hash  # the run spec it was trained with

@@ -71,6 +71,14 @@ def _report(args: argparse.Namespace) -> None:
     print(report.run(_specs(args)))
 
 
+def _register(args: argparse.Namespace) -> None:
+    import json
+
+    from fmnist.commands import register
+
+    print(json.dumps(register.run(_specs(args)), indent=2))
+
+
 def _predict(args: argparse.Namespace) -> None:
     from fmnist.commands import predict
 
@@ -111,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "+key=value adds a key; sweeps need `dvc exp run --queue -S`")
         if name == "train":
             s.add_argument("--resume", action="store_true",
-                           help="continue from models/MODEL.resume.pt (under dvc repro: FMNIST_RESUME=1)")
+                           help="continue from .fmnist/resume/MODEL.pt (under dvc repro: FMNIST_RESUME=1)")
             s.add_argument("--no-progress", action="store_true", help="no progress bars")
             s.add_argument("--nproc", type=int, metavar="N",
                            help="train with N processes (torchrun, DistributedDataParallel); default: train.nproc")
@@ -120,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="torch.distributed backend (default: gloo on the CPU, nccl on CUDA)")
 
     add("report", _report, "write reports/report.md and reports/figures/ from every model's results")
+    add("register", _register, "register the best model (on validation) in MLflow, as @champion if it beats "
+                               "the current one; write reports/champion.json")
 
     s = add("predict", _predict, "classify images with a trained model: class name and top-3 probabilities",
             params=False)

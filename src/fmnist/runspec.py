@@ -39,7 +39,7 @@ class RunPaths:
     def of(cls, model: str, processed: str | Path = PROCESSED_DIR) -> RunPaths:
         train, evaluate = Path("reports/train") / model, Path("reports/eval") / model
         return cls(processed=Path(processed), model=Path("models") / f"{model}.pt",
-                   resume=Path("models") / f"{model}.resume.pt", history=train / "history.csv",
+                   resume=Path(".fmnist/resume") / f"{model}.pt", history=train / "history.csv",
                    train_metrics=train / "metrics.json", eval_metrics=evaluate / "metrics.json",
                    per_class=evaluate / "per_class.json", predictions=evaluate / "predictions.csv")
 

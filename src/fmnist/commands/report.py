@@ -1,11 +1,16 @@
 """report: reports/report.md and reports/figures/*.png, from every model's train and eval outputs.
 
 Reads, for each model of params.yaml's ``models:`` (the paths of its run spec):
-reports/train/M/{metrics.json,history.csv}, reports/eval/M/{metrics.json,predictions.csv,per_class.json};
-the checkpoints of the models whose first conv layer it draws; the processed training and test
-images. It compares a model with a published figure only when both used the same recipe
-(src/fmnist/published.py). The output depends on those inputs only: no timestamps, so re-running
-on the same inputs writes identical files.
+reports/train/M/{metrics.json,history.csv}, reports/eval/M/{metrics.json,calibration.csv}, and
+reports/eval/M/{predictions.csv,per_class.json} of the models it draws or compares; the checkpoints
+of the models whose first conv layer it draws; the processed training and test images.
+
+The best model is chosen on the validation split (fmnist.selection), never on the test set; the
+test figures of every model are reported with their 95% interval, and McNemar's exact test says
+whether the best and the runner-up differ on the test images. A model is compared with a published
+figure only when both used the same recipe (src/fmnist/published.py). The output depends on those
+inputs only: no timestamps, so re-running on the same inputs writes identical files. Registering
+the best model in MLflow is the register stage's work (fmnist.commands.register), not this one's.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any
 
 import torch
 
-from fmnist import FmnistError, checkpoint, plots, published
+from fmnist import FmnistError, checkpoint, plots, published, selection, stats
 from fmnist.core import metrics, models
 from fmnist.data import CLASSES
 from fmnist.data.loader import Split, load_split, normalize, to_float
@@ -30,6 +35,8 @@ log = logging.getLogger(__name__)
 REPORT = Path("reports/report.md")
 FIGURES = Path("reports/figures")
 LOSS_NAMES = {"ce": "cross-entropy", "focal": "focal loss"}
+EVAL_KEYS = ("test_accuracy", "test_nll", "test_ece", "test_ece_ts", "temperature", *selection.KEYS)
+SIGNIFICANCE = 0.05
 N_SAMPLES_PER_CLASS = 8
 N_CORRECT_PER_CLASS = 2
 N_MISCLASSIFIED = 24
@@ -38,11 +45,6 @@ KERNELS_OF = ("cnn_bn",)  # besides the best model: the CNN whose source showed 
 
 class ReportError(FmnistError):
     """An input of the report is missing or unreadable. The message names the file."""
-
-
-def _rank(row: dict[str, Any]) -> tuple:
-    """Best first: higher test accuracy, then lower test loss, then by name."""
-    return -row["test_accuracy"], row["test_loss"], row["model"]
 
 
 # --------------------------------------------------------------------------- reading the inputs
@@ -66,18 +68,22 @@ def _csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def _calibration_path(spec: RunSpec) -> Path:
+    """The evaluate stage's reliability bins of the test set, before and after temperature scaling."""
+    return spec.paths.eval_metrics.parent / "calibration.csv"
+
+
 def _model_row(spec: RunSpec) -> dict[str, Any]:
     """One model's numbers; every file it needs must exist."""
     p = spec.paths
-    for path in (p.train_metrics, p.history, p.eval_metrics, p.predictions, p.per_class):
+    for path in (p.train_metrics, p.history, p.eval_metrics, p.predictions, p.per_class, _calibration_path(spec)):
         _need(path)
     tm, em = _json(p.train_metrics), _json(p.eval_metrics)
     try:
         history = {k: [float(r[k]) for r in _csv(p.history)] for k in ("epoch", "train_loss", "val_loss")}
         row = {"model": spec.model, "arch": spec.arch, "loss": spec.loss, "n_parameters": int(tm["n_parameters"]),
                "epochs": int(tm["epochs"]), "train_time_s": float(tm["train_time_s"]),
-               "images_per_s": float(tm["images_per_s"]), "test_accuracy": float(em["test_accuracy"]),
-               "test_loss": float(em["test_loss"])}
+               "images_per_s": float(tm["images_per_s"]), **{k: float(em[k]) for k in EVAL_KEYS}}
     except (KeyError, ValueError, TypeError) as e:
         raise ReportError(f"{p.train_metrics.parent} or {p.eval_metrics.parent}: a metrics or history file lacks "
                           f"{e}; run `dvc repro` to rebuild them") from e
@@ -90,12 +96,14 @@ def _model_row(spec: RunSpec) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the stage
 
 def run(specs: dict[str, RunSpec]) -> Path:
-    rows = sorted((_model_row(spec) for spec in specs.values()), key=_rank)
+    rows = sorted((_model_row(spec) for spec in specs.values()), key=lambda r: selection.rank(r["model"], r))
     best = rows[0]
     best_fc = next((r for r in rows if not r["cnn"]), None)
     best_cnn = next((r for r in rows if r["cnn"]), None)
     processed = best["spec"].paths.processed
     test = load_split("test", processed)
+    for r in rows:  # one run per model: the interval is the test set's noise (Wilson)
+        r["test_interval"] = stats.accuracy_summary([r["test_accuracy"]], len(test))
     figures: dict[str, tuple[str, str]] = {}  # file name -> (heading, caption)
 
     def save(fig, fname: str, heading: str, caption: str) -> None:
@@ -106,21 +114,27 @@ def run(specs: dict[str, RunSpec]) -> Path:
                                    "published": r["published"].test_accuracy if _comparable(r) else None,
                                    "train_time_s": r["train_time_s"]} for r in rows]),
          "accuracy_time.png", "Accuracy and training time",
-         "Test accuracy and training time per model, best first; a black mark is the figure its source "
-         "published, where this run used the source's recipe.")
+         "Test accuracy and training time per model, the best (on validation) first; a black mark is the "
+         "figure its source published, where this run used the source's recipe.")
     save(plots.loss_curves({r["model"]: r["history"] for r in _in_params_order(rows, specs)},
                            {r["model"]: _loss_name(r["spec"]) for r in rows}),
          "loss_curves.png", "Loss curves",
          "Training loss (the loss each model trained on) and validation loss (always cross-entropy) per epoch.")
     save(_samples(load_split("train", processed)), "data_samples.png", "The data",
          f"The first {N_SAMPLES_PER_CLASS} training images of each class.")
-    preds = {r["model"]: _csv(r["spec"].paths.predictions) for r in {id(r): r for r in (best, best_fc, best_cnn)
-                                                                      if r is not None}.values()}
+    runner_up = rows[1] if len(rows) > 1 else None
+    preds = {r["model"]: _csv(r["spec"].paths.predictions)
+             for r in {id(r): r for r in (best, runner_up, best_fc, best_cnn) if r is not None}.values()}
     save(plots.confusion(_confusion(preds[best["model"]]), CLASSES,
                          f"{best['model']}: confusion matrix on the test set "
                          f"(accuracy {100 * best['test_accuracy']:.2f}%)"),
          "confusion_best.png", f"Confusion matrix of the best model ({best['model']})",
          "Rows: the true class; columns: the predicted class. Numbers are image counts.")
+    save(plots.reliability_grid({r["model"]: _calibration(r) for r in _in_params_order(rows, specs)}),
+         "reliability.png", "Calibration",
+         "Per confidence bin (15 of equal width), the accuracy of the test images in it: a bar for the "
+         "probabilities as the model gives them, a point after temperature scaling (T fitted on the validation "
+         "split). Bars under the diagonal: the model is more confident than it is right.")
     pos = {int(i): p for p, i in enumerate(test.index.tolist())}
     for kind, r in (("fully connected", best_fc), ("convolutional", best_cnn)):
         if r is None:
@@ -141,11 +155,10 @@ def run(specs: dict[str, RunSpec]) -> Path:
         (FIGURES / stale).unlink()
 
     per_class = _json(best["spec"].paths.per_class)
-    write_text(REPORT, _markdown(_in_params_order(rows, specs), best, figures, per_class))
+    test_of_two = None if runner_up is None else _mcnemar(preds[best["model"]], preds[runner_up["model"]])
+    write_text(REPORT, _markdown(_in_params_order(rows, specs), best, runner_up, test_of_two, figures, per_class,
+                                 len(test)))
     log.info("wrote %s and %d figures in %s", REPORT, len(figures), FIGURES)
-    from fmnist.tracking import registry  # the best model becomes a version of the registered model (not an output)
-
-    registry.promote(best["spec"], checkpoint.read(_need(best["spec"].paths.model))[0].run_id, best["test_accuracy"])
     return REPORT
 
 
@@ -181,6 +194,30 @@ def _confusion(preds: list[dict[str, str]]) -> list[list[int]]:
     except KeyError as e:
         raise ReportError(f"predictions.csv: unknown class or column {e}; run `dvc repro` to rebuild it") from e
     return metrics.confusion_matrix(predicted, actual).tolist()
+
+
+def _mcnemar(a: list[dict[str, str]], b: list[dict[str, str]]) -> stats.McNemar:
+    """McNemar's exact test of two models' predictions.csv, image by image (matched on the index)."""
+    right_b = {r["index"]: r["actual"] == r["predicted"] for r in b}
+    if len(right_b) != len(a) or any(r["index"] not in right_b for r in a):
+        raise ReportError("predictions.csv of two models score different test images; run `dvc repro` to "
+                          "rebuild them")
+    return stats.mcnemar([r["actual"] == r["predicted"] for r in a], [right_b[r["index"]] for r in a])
+
+
+def _calibration(row: dict[str, Any]) -> dict[str, Any]:
+    """One model's reliability bins (None where a bin is empty) and its ECE before and after scaling."""
+    path = _calibration_path(row["spec"])
+
+    def number(text: str) -> float | None:
+        return float(text) if text.strip() else None
+
+    try:
+        bins = [{k: number(r[k]) for k in ("bin_lo", "bin_hi", "confidence", "accuracy", "confidence_ts",
+                                           "accuracy_ts")} for r in _csv(path)]
+    except (KeyError, ValueError, AttributeError) as e:
+        raise ReportError(f"{path}: no column or not a number: {e}; run `dvc repro` to rebuild it") from e
+    return {"bins": bins, "ece": row["test_ece"], "ece_ts": row["test_ece_ts"], "temperature": row["temperature"]}
 
 
 def _image(test: Split, pos: dict[int, int], index: str):
@@ -242,23 +279,33 @@ def _kernels_figure(row: dict[str, Any], test: Split):
 
 # --------------------------------------------------------------------------- markdown
 
-def _markdown(rows, best, figures: dict[str, tuple[str, str]], per_class: dict[str, dict[str, float]]) -> str:
+def _markdown(rows, best, runner_up, test_of_two: stats.McNemar | None, figures: dict[str, tuple[str, str]],
+              per_class: dict[str, dict[str, float]], n_test: int) -> str:
     loss_name = LOSS_NAMES.get(best["loss"], best["loss"])
     out = ["# Fashion-MNIST: model comparison", "",
-           f"Best model: **{best['model']}** ({best['arch']}, {loss_name}, {_recipe(best)} recipe), test accuracy "
-           f"**{100 * best['test_accuracy']:.2f}%**, trained in {plots.seconds(best['train_time_s'])}.", "",
-           "One row per model of `params.yaml`, in its order. Test metrics are on the 10,000 test images (the "
-           "test loss is cross-entropy, whatever loss trained the model); training time is the training loop "
+           f"Best model: **{best['model']}** ({best['arch']}, {loss_name}, {_recipe(best)} recipe), validation "
+           f"accuracy **{100 * best['val_accuracy']:.2f}%**, test accuracy **{_interval(best)}**, trained in "
+           f"{plots.seconds(best['train_time_s'])}.", "",
+           f"The best model is the one with {selection.RULE}. The test figures below are reported for every "
+           "model but decide nothing, so the best model's test accuracy is an unbiased estimate of how it does "
+           "on new images. The register stage (`fmnist register`) makes the same model the MLflow `champion`.", "",
+           f"One row per model of `params.yaml`, in its order. Validation figures are on the validation split, "
+           f"scored as the test set is; test figures on the {n_test:,} test images. Test accuracy: with its 95% "
+           "interval (Wilson, from the test images alone; a rerun with another seed varies too). NLL: the mean "
+           "negative log-likelihood of the true class (cross-entropy, whatever loss trained the model). ECE: the "
+           "expected calibration error (15 equal-width confidence bins), as trained and after temperature "
+           "scaling (one T per model, fitted on the validation split). Training time is the training loop "
            "alone, on this machine.", "",
-           "| | model | architecture | parameters | loss | recipe | epochs | test accuracy | test loss "
-           "| training time | images/s |",
-           "|---|---|---|--:|---|---|--:|--:|--:|--:|--:|"]
+           "| | model | architecture | parameters | loss | recipe | epochs | val accuracy "
+           "| test accuracy (95% interval) | test NLL | ECE | ECE after T | training time | images/s |",
+           "|---|---|---|--:|---|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for r in rows:
         name = f"**{r['model']}**" if r is best else r["model"]
         out.append(f"| {'★ best' if r is best else ''} | {name} | {r['arch']} | {r['n_parameters']:,} | {r['loss']} "
-                   f"| {_recipe(r)} | {r['epochs']} | {100 * r['test_accuracy']:.2f}% | {r['test_loss']:.4f} "
+                   f"| {_recipe(r)} | {r['epochs']} | {100 * r['val_accuracy']:.2f}% | {_interval(r)} "
+                   f"| {r['test_nll']:.4f} | {100 * r['test_ece']:.2f}% | {100 * r['test_ece_ts']:.2f}% "
                    f"| {plots.seconds(r['train_time_s'])} | {r['images_per_s']:,.0f} |")
-    out += ["", *_published_section(rows)]
+    out += ["", _mcnemar_text(best, runner_up, test_of_two), "", *_published_section(rows)]
     if per_class:
         out += [f"## Per class ({best['model']})", "", "| class | precision | recall | F1 |", "|---|--:|--:|--:|"]
         out += [f"| {c} | {s['precision']:.3f} | {s['recall']:.3f} | {s['f1']:.3f} |" for c, s in per_class.items()]
@@ -269,6 +316,26 @@ def _markdown(rows, best, figures: dict[str, tuple[str, str]], per_class: dict[s
     if not any(r["cnn"] for r in rows):
         out += ["No model in `params.yaml` has a convolutional layer, so there is no kernel figure.", ""]
     return "\n".join(out)
+
+
+def _interval(row: dict[str, Any]) -> str:
+    """94.03% (93.55–94.48): the test accuracy and its 95% interval."""
+    s = row["test_interval"]
+    return f"{100 * s.mean:.2f}% ({100 * s.lo:.2f}–{100 * s.hi:.2f})"
+
+
+def _mcnemar_text(best, runner_up, m: stats.McNemar | None) -> str:
+    if m is None:
+        return "One model only: no runner-up to test the best model against."
+    a, b = best["model"], runner_up["model"]
+    if m.p_value >= SIGNIFICANCE:
+        verdict = "no difference shown"
+    else:
+        verdict = f"a difference at the {SIGNIFICANCE:.0%} level, in favour of {a if m.only_a > m.only_b else b}"
+    return (f"The best model against the runner-up (the second on validation), McNemar's exact test on the "
+            f"same {m.n:,} test images: "
+            f"only {a} right on {m.only_a:,}, only {b} right on {m.only_b:,} (both right on {m.both:,}, both "
+            f"wrong on {m.neither:,}); p = {m.p_value:.3g}: {verdict}.")
 
 
 def _recipe(row: dict[str, Any]) -> str:
@@ -295,7 +362,7 @@ def _published_section(rows) -> list[str]:
         time = f"{f.train_time_s:.2f} s" if f.train_time_s else ""  # as published, to the digit
         if _comparable(r):
             diff = f"{100 * (r['test_accuracy'] - f.test_accuracy):+.2f} pp"
-            ours, ours_loss = f"{100 * r['test_accuracy']:.2f}%", f"{r['test_loss']:.4f} (test)"
+            ours, ours_loss = f"{100 * r['test_accuracy']:.2f}%", f"{r['test_nll']:.4f} (test)"
         else:
             diff, ours, ours_loss = f"not compared: this run used the {_recipe(r)} recipe", "", ""
         out.append(f"| {r['model']} | {f.source} | {recipe} | {100 * f.test_accuracy:.2f}% | {ours} | {diff} "

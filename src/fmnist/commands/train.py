@@ -1,10 +1,11 @@
 """train@MODEL: fit one model; write models/MODEL.pt, its metrics and its history.
 
-Read ``run`` top to bottom: choose where to train, load the data, build the model, open its MLflow
-run, fit (core/engine.py: one epoch is ``train_epoch`` then ``validate``), then write the outputs and
-log the model. At the end of every epoch the whole training state is saved for ``--resume``, so
-``fmnist train MODEL --resume`` (or ``FMNIST_RESUME=1 dvc repro``) continues an interrupted run from
-its last finished epoch to the same final result.
+Read ``run`` top to bottom: build the model and choose where it trains, load the data, open its
+MLflow run, fit (core/engine.py: one epoch is ``train_epoch`` then ``validate``), then write the
+outputs and log the model. At the end of every epoch the whole training state goes to
+.fmnist/resume/MODEL.pt, so ``fmnist train MODEL --resume`` (or ``FMNIST_RESUME=1 dvc repro``)
+continues an interrupted run from its last finished epoch to the same final result. That file lies
+outside the folders stages depend on, so one an interrupted run leaves behind changes no stage.
 """
 
 from __future__ import annotations

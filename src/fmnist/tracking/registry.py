@@ -2,10 +2,10 @@
 
 Every training run logs its model as an MLflow Model (``mlflow.pytorch``, the pt2 format of
 torch.export: a graph and weights, loaded without unpickling code) that takes raw images and
-returns class probabilities (fmnist.core.export). The report stage registers the pipeline's best
-model as a version of the registered model ``fashion-mnist`` and points the alias ``champion`` at
-it when it beats the current champion. ``load`` turns a ``models:/`` or ``runs:/`` URI back into a
-predictor.
+returns class probabilities (fmnist.core.export). The register stage registers the pipeline's best
+model (chosen on the validation split: fmnist.selection) as a version of the registered model
+``fashion-mnist`` and points the alias ``champion`` at it when its validation accuracy beats the
+current champion's. ``load`` turns a ``models:/`` or ``runs:/`` URI back into a predictor.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Iterator
 import numpy as np
 
 from fmnist import FmnistError
-from fmnist.tracking.store import TrackingError, cause, retry, tracking_uri
+from fmnist.tracking.store import TrackingError, _store_lock, cause, retry, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -78,59 +78,99 @@ class Champion:
     new: bool  # this call registered the version
     previous: str | None  # the version the alias pointed at before
 
+    @property
+    def alias_version(self) -> str | None:
+        """The version ``champion`` points at after the call."""
+        return self.version if self.moved else self.previous
 
-def promote(spec, run_id: str | None, test_accuracy: float) -> Champion | None:
-    """The report stage's registration of the pipeline's best model (``spec``, trained by ``run_id``).
-    The report's files do not depend on it, so a store that cannot do it is a warning, not an error."""
+
+def promote(spec, run_id: str | None, val_accuracy: float, test_accuracy: float | None = None) -> Champion:
+    """The register stage's registration of the pipeline's best model (``spec``, trained by ``run_id``),
+    chosen on ``val_accuracy``. A run that is not in the store, or a store that cannot take it, is an
+    error: registering is all the stage does."""
     from fmnist.tracking.runs import run_tags
 
-    try:
-        tags = run_tags(run_id) if run_id else None
-        if tags is None:
-            log.warning("champion: the run that trained %s (%s) is not in %s; nothing registered", spec.model,
-                        run_id, tracking_uri())
-            return None
-        champ = register_champion(run_id, test_accuracy, {
-            "model": spec.model, "loss": spec.loss, "recipe": spec.recipe,
-            "git_commit": tags.get("mlflow.source.git.commit", ""), "dvc_exp_name": tags.get("dvc_exp_name", "")})
-    except (TrackingError, RegistryError) as e:
-        log.warning("champion: not registered: %s", e)
-        return None
+    tags = run_tags(run_id) if run_id else None
+    if tags is None:
+        raise RegistryError(f"the run that trained {spec.model} ({run_id or 'none recorded in its checkpoint'}) is "
+                            f"not in {tracking_uri()}: set MLFLOW_TRACKING_URI to the store it was trained in, or "
+                            f"train it again in this one (`dvc repro --force train@{spec.model}`)")
+    champ = register_champion(run_id, val_accuracy, {
+        "model": spec.model, "loss": spec.loss, "recipe": spec.recipe,
+        "git_commit": tags.get("mlflow.source.git.commit", ""), "dvc_exp_name": tags.get("dvc_exp_name", "")},
+        test_accuracy=test_accuracy)
     done = "registered as" if champ.new else "already"
     where = (f"now @{ALIAS}" if champ.moved else f"already @{ALIAS}" if champ.previous == champ.version else
-             f"@{ALIAS} stays on version {champ.previous}, as accurate or more")
-    log.info("champion: %s (%.2f%%) %s version %s of %s; %s", spec.model, 100 * test_accuracy, done,
-             champ.version, REGISTERED_MODEL, where)
+             f"@{ALIAS} stays on version {champ.previous}, as accurate on validation or more")
+    log.info("champion: %s (validation accuracy %.2f%%) %s version %s of %s; %s", spec.model, 100 * val_accuracy,
+             done, champ.version, REGISTERED_MODEL, where)
     return champ
 
 
-def register_champion(run_id: str, test_accuracy: float, tags: dict[str, str]) -> Champion:
+def register_champion(run_id: str, val_accuracy: float, tags: dict[str, str],
+                      test_accuracy: float | None = None) -> Champion:
     """Register the model of ``run_id`` as a version of ``fashion-mnist`` (once: a run registered
-    before is not registered again) and point ``champion`` at it if its test accuracy beats the
-    current champion's."""
+    before is not registered again) and point ``champion`` at it if its validation accuracy beats the
+    current champion's.
+
+    The version is tagged ``val_accuracy`` (what the choice reads) and ``test_accuracy`` (informative
+    only: it never decides). A version registered again gets the figures of this call, its latest
+    evaluation (flip test-time augmentation, say, changes them). The alias moves when there is no
+    champion, or when ``val_accuracy`` is strictly higher than the champion's tag; a tie keeps the
+    champion. A champion registered before versions were chosen on validation has only a
+    ``test_accuracy`` tag: it was chosen on the test set, a figure not comparable with a validation
+    accuracy, so any candidate with a validation accuracy replaces it once, and champions compare on
+    validation from then on.
+
+    On a SQLite store the check and the move run under the store's lock, so experiments that finish
+    together (``dvc queue start -j 2``) cannot both move the alias on a stale view of the champion.
+    """
     import mlflow
     from mlflow import MlflowClient
 
-    c = MlflowClient(tracking_uri=tracking_uri())
-    with _store():
+    uri = tracking_uri()
+    c = MlflowClient(tracking_uri=uri)
+    figures = {"val_accuracy": str(val_accuracy), **({} if test_accuracy is None else
+                                                     {"test_accuracy": str(test_accuracy)})}
+    with _store(), _store_lock(uri):
         try:
             if not retry(lambda: c.search_registered_models(f"name = '{REGISTERED_MODEL}'")):
-                retry(lambda: c.create_registered_model(REGISTERED_MODEL))
+                _create_registered_model(c)
             mine = retry(lambda: c.search_model_versions(f"name = '{REGISTERED_MODEL}' and run_id = '{run_id}'"))
             new = not mine
-            version = mine[0] if mine else mlflow.register_model(logged_model_uri(run_id, c), REGISTERED_MODEL,
-                                                                 tags={**tags, "test_accuracy": str(test_accuracy)})
+            if mine:
+                version = mine[0]
+                for key, value in figures.items():
+                    retry(lambda: c.set_model_version_tag(REGISTERED_MODEL, version.version, key, value))
+            else:
+                version = mlflow.register_model(logged_model_uri(run_id, c), REGISTERED_MODEL,
+                                                tags={**tags, **figures})
             current = _champion_version(c)
-            beats = current is None or test_accuracy > float(current.tags.get("test_accuracy", "-inf"))
+            beats = current is None or _beats(val_accuracy, current.tags)
             if beats and (current is None or current.version != version.version):
                 retry(lambda: c.set_registered_model_alias(REGISTERED_MODEL, ALIAS, version.version))
         except RegistryError:
             raise
         except Exception as e:
-            raise TrackingError(f"MLflow tracking store {tracking_uri()} cannot register the champion "
-                                f"({cause(e)})") from e
+            raise TrackingError(f"MLflow tracking store {uri} cannot register the champion ({cause(e)})") from e
     previous = str(current.version) if current is not None else None
     return Champion(str(version.version), moved=beats and previous != version.version, new=new, previous=previous)
+
+
+def _beats(val_accuracy: float, champion_tags: dict[str, str]) -> bool:
+    """The rule of ``register_champion``: strictly higher validation accuracy; a champion without one
+    (chosen on the test set, before) loses to any candidate."""
+    theirs = champion_tags.get("val_accuracy")
+    return theirs is None or val_accuracy > float(theirs)
+
+
+def _create_registered_model(c) -> None:
+    """Create ``fashion-mnist``; another process creating it at the same moment is not an error."""
+    try:
+        retry(lambda: c.create_registered_model(REGISTERED_MODEL))
+    except Exception as e:
+        if "RESOURCE_ALREADY_EXISTS" not in str(e) and "already exists" not in str(e).lower():
+            raise
 
 
 def logged_model_uri(run_id: str, c=None) -> str:
