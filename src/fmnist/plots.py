@@ -9,6 +9,7 @@ matplotlib is imported lazily, inside the functions, so importing this module is
 from __future__ import annotations
 
 import math
+import textwrap
 from typing import Any, Sequence
 
 DPI = 120
@@ -251,6 +252,74 @@ def compare_heatmap(models: Sequence[str], losses: Sequence[str], panels: dict[s
             s.set_visible(False)
     fig.suptitle("Architecture x loss: latest finished run of each (yellow: better)", fontsize=13)
     return fig
+
+
+def reliability(panels: dict[str, Sequence[dict[str, Any]] | None], title: str, ncols: int = 2):
+    """Reliability diagrams, one panel per entry: accuracy against confidence, bin by bin.
+
+    ``panels``: title -> the bins, rows as calibration.csv holds them (``bin_lo``, ``bin_hi``,
+    ``count``, ``confidence``, ``accuracy``; optionally the same after temperature scaling,
+    ``count_ts``, ``confidence_ts``, ``accuracy_ts``), numbers, or None or "" for an empty bin;
+    None instead of the rows: a panel that says "no run". Blue bars: each bin's accuracy, with the
+    bin's share of the images written at its foot; hatched red: the gap to the bin's mean
+    confidence (above the bar: overconfident; inside it: underconfident); orange: the bins after
+    temperature scaling. The ECE in the legend is computed from the bins given.
+    """
+    from matplotlib.patches import Patch
+
+    n = len(panels)
+    ncols = max(1, min(ncols, n))
+    nrows = max(1, math.ceil(n / ncols))
+    fig_width = max(3.6 * ncols + 0.3, 6.0)
+    fig = _figure(fig_width, 3.7 * nrows + 0.9)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, (name, rows) in zip(axes, panels.items()):
+        ax.set_title(name, fontsize=10)
+        ax.plot([0, 1], [0, 1], ls="--", lw=1, color=GREY)
+        ax.set(xlim=(0, 1), ylim=(0, 1), aspect="equal", xlabel="confidence (top class)", ylabel="accuracy")
+        ax.grid(alpha=0.25)
+        ax.set_axisbelow(True)
+        if rows is None:
+            ax.text(0.5, 0.5, "no run", ha="center", va="center", fontsize=12, color=GREY)
+            continue
+        before, after = _bins(rows, ""), _bins(rows, "_ts")
+        total = sum(b[2] for b in before) or 1
+        lo, width = [b[0] for b in before], [b[1] - b[0] for b in before]
+        conf, acc = [b[3] for b in before], [b[4] for b in before]
+        ax.bar(lo, acc, width=width, align="edge", color=BLUE, edgecolor="white", linewidth=0.6)
+        ax.bar(lo, [c - a for c, a in zip(conf, acc)], bottom=acc, width=width, align="edge", fill=False,
+               hatch="////", edgecolor=RED, linewidth=0.8)
+        for x0, x1, c, _, a in before:
+            if c / total >= 0.005:
+                ax.text((x0 + x1) / 2, 0.012, f"{c / total:.0%}" if c / total >= 0.01 else "<1%", rotation=90,
+                        ha="center", va="bottom", fontsize=6.5, color="white" if a > 0.12 else "black")
+        handles = [Patch(color=BLUE, label=f"accuracy (ECE {_ece(before):.2%})"),
+                   Patch(fill=False, hatch="////", edgecolor=RED, label="gap to mean confidence")]
+        if after:
+            handles += ax.plot([b[3] for b in after], [b[4] for b in after], marker="o", ms=3, lw=1.3,
+                               color=ORANGE, label=f"temperature-scaled (ECE {_ece(after):.2%})")
+        ax.legend(handles=handles, fontsize=7, loc="upper left", frameon=False)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    note = "at each bar's foot: its share of the images; dashed: perfect calibration"
+    fig.suptitle(textwrap.fill(title, int(11 * fig_width)) + f"\n({note})", fontsize=11)
+    return fig
+
+
+def _bins(rows: Sequence[dict[str, Any]], suffix: str) -> list[tuple[float, float, int, float, float]]:
+    """The non-empty bins of ``rows`` as (lo, hi, count, confidence, accuracy), from numbers or CSV text."""
+    out = []
+    for r in rows:
+        count, conf, acc = (r.get(f"{k}{suffix}") for k in ("count", "confidence", "accuracy"))
+        if count in (None, "") or conf in (None, "") or acc in (None, "") or int(float(count)) == 0:
+            continue
+        out.append((float(r["bin_lo"]), float(r["bin_hi"]), int(float(count)), float(conf), float(acc)))
+    return out
+
+
+def _ece(bins: list[tuple[float, float, int, float, float]]) -> float:
+    total = sum(b[2] for b in bins)
+    return sum(c * abs(conf - acc) for _, _, c, conf, acc in bins) / total if total else 0.0
 
 
 def _cmap(name: str):
