@@ -35,7 +35,7 @@ test: $(STAMP)
 smoke: $(STAMP)
 	$(BIN)/dvc exp run --temp $$($(BIN)/python .ci/repro_check.py smoke --print)
 
-EXP_COLUMNS := Experiment|Created|State|loss|recipe|train\.lr|train\.epochs|.*:epochs|.*:test_accuracy|.*:test_loss|.*:train_time_s
+EXP_COLUMNS := Experiment|Created|State|seed|loss|recipe|train\.lr|train\.epochs|.*:epochs|.*:test_accuracy|.*:test_nll|.*:test_ece|.*:train_time_s
 exps: $(STAMP)
 	$(BIN)/dvc exp show --drop '.*' --keep '$(EXP_COLUMNS)'
 

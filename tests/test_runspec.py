@@ -35,7 +35,8 @@ def test_paths_name_every_file_of_a_model():
     assert (p.eval_metrics, p.per_class, p.predictions) == (
         Path("reports/eval/tinyvgg/metrics.json"), Path("reports/eval/tinyvgg/per_class.json"),
         Path("reports/eval/tinyvgg/predictions.csv"))
-    assert p.processed == Path("data/processed") and p.processed not in p.outputs() and len(p.outputs()) == 7
+    assert p.calibration == Path("reports/eval/tinyvgg/calibration.csv")
+    assert p.processed == Path("data/processed") and p.processed not in p.outputs() and len(p.outputs()) == 8
 
 
 def test_key_names_the_params_yaml_key_that_set_a_value():

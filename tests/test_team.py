@@ -162,14 +162,15 @@ def test_train_evaluate_and_compare_through_a_shared_server(server, tmp_path, pr
     assert run.info.status == "FINISHED"
     assert (run.data.tags["model"], run.data.tags["loss"]) == ("linear", "ce")
     assert [m.step for m in c.get_metric_history(run_id, "val_loss")] == [1, 2]
-    assert {"train_time_s", "best_epoch", "test_accuracy", "test_loss"} <= set(run.data.metrics)
+    assert ({"train_time_s", "best_epoch", "test_accuracy", "test_nll", "test_ece_ts", "eval_val_nll"} <=
+            set(run.data.metrics))
     assert run.data.metrics["test_accuracy"] == json.loads((ws / "reports/eval/linear/metrics.json").read_text())[
         "test_accuracy"]
     assert run.data.params["train.epochs"] == "2"
 
     names = {a.path for a in c.list_artifacts(run_id)}
     assert {"linear.pt", "history.csv", "confusion_matrix.json", "confusion_matrix.png",
-            "per_class.json", "predictions.csv"} <= names, names
+            "per_class.json", "predictions.csv", "calibration.json"} <= names, names
     got = Path(c.download_artifacts(run_id, "linear.pt", str(tmp_path / "download")))
     assert got.read_bytes() == (ws / "models/linear.pt").read_bytes()
     # The server stored the artifacts in its artifact root; the client kept no store of its own.
@@ -513,4 +514,4 @@ def test_experiments_from_two_machines_meet_in_a_third(team, tmp_path):
     table = (tmp_path / "compare.md").read_text()
     for name, [run] in runs.items():
         assert f"`{run.info.run_id}`" in table, (name, table)
-    assert "| model | ce | focal |" in table
+    assert "| linear, focal loss" in table and "| linear, cross-entropy" in table

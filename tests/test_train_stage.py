@@ -96,21 +96,63 @@ def test_metrics_describe_the_kept_model(repo, monkeypatch, patience, kept):
 
 
 def test_evaluate_scores_every_test_image_from_the_checkpoint(repo):
-    # 200 test images in batches of 64: a short last batch
-    s = spec("evaluate.batch_size=64", "train.precision=fp32")
+    # 200 test images in batches of 64: a short last batch; one epoch leaves some validation images
+    # wrong, so that the validation NLL has a minimum in T (with none wrong, it falls as T -> 0)
+    s = spec("evaluate.batch_size=64", "train.precision=fp32", "train.epochs=1")
     train.run(s, progress=False)
     got = evaluate.run(s)
     assert read_json(repo / "reports/eval/linear/metrics.json") == got
+    assert list(got) == ["test_accuracy", "test_nll", "test_nll_se", "test_ece", "test_brier", "test_nll_ts",
+                         "test_ece_ts", "test_brier_ts", "temperature", "val_accuracy", "val_nll", "macro_f1"]
 
     model, ckpt = checkpoint.load(repo / "models/linear.pt")  # the file alone: weights and normalisation
-    test = load_split("test", "data/processed")
-    x = test.images.unsqueeze(1).float().div(255).sub(ckpt.stats.mean).div(ckpt.stats.std)
-    with torch.no_grad():
-        logits = model(x)
+    test, val = load_split("test", "data/processed"), load_split("val", "data/processed")
+
+    def logits_of(split):
+        x = split.images.unsqueeze(1).float().div(255).sub(ckpt.stats.mean).div(ckpt.stats.std)
+        with torch.no_grad():
+            return model(x).double()
+
+    logits = logits_of(test)
     per_sample = torch.nn.functional.cross_entropy(logits, test.labels, reduction="none")
-    assert got["test_loss"] == pytest.approx(per_sample.mean().item(), rel=1e-5)
+    assert got["test_nll"] == pytest.approx(per_sample.mean().item(), rel=1e-5)
+    assert got["test_nll_se"] == pytest.approx(per_sample.std().item() / len(test) ** 0.5, rel=1e-4)
     assert got["test_accuracy"] == (logits.argmax(1) == test.labels).sum().item() / len(test)
     assert got["test_accuracy"] > 0.5
+    val_logits = logits_of(val)  # the validation split, scored as the test set is
+    assert got["val_accuracy"] == (val_logits.argmax(1) == val.labels).sum().item() / len(val)
+    assert got["val_nll"] == pytest.approx(torch.nn.functional.cross_entropy(val_logits, val.labels).item(), rel=1e-5)
+
+    # the temperature minimises the validation NLL; the _ts scores are the test set's at that T
+    def val_nll(t):
+        return torch.nn.functional.cross_entropy(val_logits / t, val.labels).item()
+
+    t = got["temperature"]
+    assert got["val_accuracy"] < 1 and val_nll(t) < min(val_nll(t * 1.05), val_nll(t / 1.05))
+    scaled = torch.log_softmax(logits / t, dim=1)
+    assert got["test_nll_ts"] == pytest.approx(torch.nn.functional.nll_loss(scaled, test.labels).item(), rel=1e-5)
+    onehot = torch.nn.functional.one_hot(test.labels, 10)
+    assert got["test_brier_ts"] == pytest.approx(((scaled.exp() - onehot) ** 2).sum(1).mean().item(), rel=1e-5)
+
+    # calibration.csv: 15 bins before and after scaling, from which the ECEs follow
+    with open(repo / "reports/eval/linear/calibration.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["bin_lo", "bin_hi", "count", "confidence", "accuracy", "count_ts", "confidence_ts",
+                             "accuracy_ts"]
+    assert len(rows) == 15 and float(rows[0]["bin_lo"]) == 0 and float(rows[-1]["bin_hi"]) == 1
+    for suffix, ece in (("", got["test_ece"]), ("_ts", got["test_ece_ts"])):
+        counts = [int(r[f"count{suffix}"]) for r in rows]
+        assert sum(counts) == len(test)
+        assert all((r[f"confidence{suffix}"] == "") == (c == 0) for r, c in zip(rows, counts))  # empty: no value
+        gaps = [c * abs(float(r[f"confidence{suffix}"]) - float(r[f"accuracy{suffix}"]))
+                for r, c in zip(rows, counts) if c]
+        assert sum(gaps) / len(test) == pytest.approx(ece, abs=1e-5)
+
+    run = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}").get_run(ckpt.run_id)
+    assert {k: run.data.metrics[evaluate.MLFLOW_NAMES.get(k, k)] for k in got} == pytest.approx(got, rel=1e-12)
+    logged = json.loads(Path(run.info.artifact_uri.removeprefix("file://"), "calibration.json").read_text())
+    assert logged["temperature"] == t and len(logged["bins"]) == 15
+    assert logged["bins"][-1] == {k: (None if v == "" else float(v)) for k, v in rows[-1].items()}
 
 
 def test_same_params_give_identical_results(repo):

@@ -88,7 +88,10 @@ def _predict(args: argparse.Namespace) -> None:
 def _compare(args: argparse.Namespace) -> None:
     from fmnist.commands import compare
 
-    compare.main(experiment=args.experiment, tags=args.tag or (), out=args.out, params=args.params)
+    if args.mcnemar:
+        compare.mcnemar(*args.mcnemar)
+    else:
+        compare.main(experiment=args.experiment, tags=args.tag or (), out=args.out, params=args.params)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,11 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also classify image N of the test split (data/processed/test.pt), with its true label")
     s.add_argument("--json", action="store_true", help="print JSON instead of text")
 
-    s = add("compare", _compare, "architecture x loss table of the MLflow runs (markdown and PNG heatmap)")
+    s = add("compare", _compare, "cross-entropy against focal loss over seeds, with 95% intervals, from the "
+                                 "MLflow runs (markdown and PNGs)")
     s.add_argument("--experiment", help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME or fashion-mnist)")
     s.add_argument("--tag", action="append", metavar="KEY=VALUE",
                    help="only runs with this tag (repeatable), e.g. --tag dvc_exp_name=my-exp")
-    s.add_argument("--out", default="reports", help="folder for compare.md and compare.png (default: reports)")
+    s.add_argument("--out", default="reports", help="folder for compare.md and the PNGs (default: reports)")
+    s.add_argument("--mcnemar", nargs=2, metavar=("A", "B"),
+                   help="instead: McNemar's exact test of two models on the same test images (A, B: model names, "
+                        "for reports/eval/MODEL/predictions.csv, or paths to predictions.csv files); no MLflow")
     return p
 
 

@@ -9,6 +9,7 @@ matplotlib is imported lazily, inside the functions, so importing this module is
 from __future__ import annotations
 
 import math
+import textwrap
 from typing import Any, Sequence
 
 DPI = 120
@@ -255,47 +256,109 @@ def conv_kernels(kernels: Any, maps: Any, image: Any, title: str, image_caption:
     return fig
 
 
-def compare_heatmap(models: Sequence[str], losses: Sequence[str], panels: dict[str, dict[str, Any]]):
-    """Architecture x loss heatmaps side by side, one per metric, values written in the cells.
+def interval_panels(panels: dict[str, dict[str, Any]], ylabel: str, fmt: str, title: str, ncols: int = 3):
+    """Small multiples, one panel per group (a model): each entry's mean as a dot with its 95% interval
+    as an error bar, side by side, each panel on its own y scale so that differences within it show.
 
-    ``panels``: title -> {"values": rows x cols (None where no run), "fmt": format
-    string, "higher_is_better": bool}. Missing combinations are grey with a dash.
+    ``panels``: name -> {"points": [{"label", "mean", "lo", "hi" (None: no interval), "color",
+    "filled" (False: an open dot, e.g. an interval of another kind)}], "note": a line under the name}.
+    ``fmt`` formats the value written beside each dot.
     """
-    import numpy as np
-
-    n_rows, n_cols = len(models), len(losses)
-    fig = _figure(max(3.0, 1.2 * n_cols + 1.2) * len(panels) + 1.3, 0.5 * n_rows + 1.8)
-    axes = fig.subplots(1, len(panels), squeeze=False).ravel()
+    n = len(panels)
+    ncols = max(1, min(ncols, n))
+    nrows = max(1, math.ceil(n / ncols))
+    fig = _figure(3.7 * ncols + 0.4, 3.3 * nrows + 0.8)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, (name, p) in zip(axes, panels.items()):
-        vals = np.array([[np.nan if v is None else float(v) for v in row] for row in p["values"]], dtype=float)
-        cmap = _cmap("viridis" if p["higher_is_better"] else "viridis_r")
-        ok = ~np.isnan(vals)
-        lo, hi = (float(vals[ok].min()), float(vals[ok].max())) if ok.any() else (0.0, 1.0)
-        ax.imshow(np.ma.masked_invalid(vals), cmap=cmap, vmin=lo, vmax=hi if hi > lo else lo + 1, aspect="auto")
-        for i in range(n_rows):
-            for j in range(n_cols):
-                if ok[i, j]:
-                    t = (vals[i, j] - lo) / (hi - lo) if hi > lo else 0.5
-                    t = t if p["higher_is_better"] else 1 - t
-                    ax.text(j, i, p["fmt"].format(vals[i, j]), ha="center", va="center", fontsize=10,
-                            color="black" if t > 0.55 else "white")
-                else:
-                    ax.text(j, i, "-", ha="center", va="center", fontsize=11, color="#555555")
-        ax.set_xticks(range(n_cols), losses)
-        ax.set_yticks(range(n_rows), models)
-        ax.set_xlabel("loss")
-        ax.set_title(name, fontsize=11)
-        ax.tick_params(length=0)
-        for s in ax.spines.values():
-            s.set_visible(False)
-    fig.suptitle("Architecture x loss: latest finished run of each (yellow: better)", fontsize=13)
+        for i, pt in enumerate(p["points"]):
+            has = pt.get("lo") is not None and pt.get("hi") is not None
+            yerr = [[pt["mean"] - pt["lo"]], [pt["hi"] - pt["mean"]]] if has else None
+            ax.errorbar(i, pt["mean"], yerr=yerr, fmt="o", ms=7, capsize=7, elinewidth=1.8, capthick=1.8,
+                        color=pt.get("color", BLUE), mfc=pt.get("color", BLUE) if pt.get("filled", True) else "white",
+                        mew=1.8)
+            ax.annotate(fmt.format(pt["mean"]), (i, pt["mean"]), xytext=(9, 0), textcoords="offset points",
+                        va="center", fontsize=8.5)
+        ax.set_xticks(range(len(p["points"])), [pt["label"] for pt in p["points"]], fontsize=8.5)
+        ax.set_xlim(-0.5, len(p["points"]) - 0.3)
+        ax.margins(y=0.15)
+        note = p.get("note")
+        ax.set_title(f"{name}\n{note}" if note else name, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+        ax.spines[["top", "right"]].set_visible(False)
+    for ax in axes[::ncols]:
+        ax.set_ylabel(ylabel)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    fig.suptitle(title, fontsize=12)
     return fig
 
 
-def _cmap(name: str):
-    import matplotlib
+def reliability(panels: dict[str, Sequence[dict[str, Any]] | None], title: str, ncols: int = 2):
+    """Reliability diagrams, one panel per entry: accuracy against confidence, bin by bin.
 
-    return matplotlib.colormaps[name].with_extremes(bad="#DDDDDD")
+    ``panels``: title -> the bins, rows as calibration.csv holds them (``bin_lo``, ``bin_hi``,
+    ``count``, ``confidence``, ``accuracy``; optionally the same after temperature scaling,
+    ``count_ts``, ``confidence_ts``, ``accuracy_ts``), numbers, or None or "" for an empty bin;
+    None instead of the rows: a panel that says "no run". Blue bars: each bin's accuracy, with the
+    bin's share of the images written at its foot; hatched red: the gap to the bin's mean
+    confidence (above the bar: overconfident; inside it: underconfident); orange: the bins after
+    temperature scaling. The ECE in the legend is computed from the bins given.
+    """
+    from matplotlib.patches import Patch
+
+    n = len(panels)
+    ncols = max(1, min(ncols, n))
+    nrows = max(1, math.ceil(n / ncols))
+    fig_width = max(3.6 * ncols + 0.3, 6.0)
+    fig = _figure(fig_width, 3.7 * nrows + 0.9)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, (name, rows) in zip(axes, panels.items()):
+        ax.set_title(name, fontsize=10)
+        ax.plot([0, 1], [0, 1], ls="--", lw=1, color=GREY)
+        ax.set(xlim=(0, 1), ylim=(0, 1), aspect="equal", xlabel="confidence (top class)", ylabel="accuracy")
+        ax.grid(alpha=0.25)
+        ax.set_axisbelow(True)
+        if rows is None:
+            ax.text(0.5, 0.5, "no run", ha="center", va="center", fontsize=12, color=GREY)
+            continue
+        before, after = _bins(rows, ""), _bins(rows, "_ts")
+        total = sum(b[2] for b in before) or 1
+        lo, width = [b[0] for b in before], [b[1] - b[0] for b in before]
+        conf, acc = [b[3] for b in before], [b[4] for b in before]
+        ax.bar(lo, acc, width=width, align="edge", color=BLUE, edgecolor="white", linewidth=0.6)
+        ax.bar(lo, [c - a for c, a in zip(conf, acc)], bottom=acc, width=width, align="edge", fill=False,
+               hatch="////", edgecolor=RED, linewidth=0.8)
+        for x0, x1, c, _, a in before:
+            if c / total >= 0.005:
+                ax.text((x0 + x1) / 2, 0.012, f"{c / total:.0%}" if c / total >= 0.01 else "<1%", rotation=90,
+                        ha="center", va="bottom", fontsize=6.5, color="white" if a > 0.12 else "black")
+        handles = [Patch(color=BLUE, label=f"accuracy (ECE {_ece(before):.2%})"),
+                   Patch(fill=False, hatch="////", edgecolor=RED, label="gap to mean confidence")]
+        if after:
+            handles += ax.plot([b[3] for b in after], [b[4] for b in after], marker="o", ms=3, lw=1.3,
+                               color=ORANGE, label=f"temperature-scaled (ECE {_ece(after):.2%})")
+        ax.legend(handles=handles, fontsize=7, loc="upper left", frameon=False)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    note = "at each bar's foot: its share of the images; dashed: perfect calibration"
+    fig.suptitle(textwrap.fill(title, int(11 * fig_width)) + f"\n({note})", fontsize=11)
+    return fig
+
+
+def _bins(rows: Sequence[dict[str, Any]], suffix: str) -> list[tuple[float, float, int, float, float]]:
+    """The non-empty bins of ``rows`` as (lo, hi, count, confidence, accuracy), from numbers or CSV text."""
+    out = []
+    for r in rows:
+        count, conf, acc = (r.get(f"{k}{suffix}") for k in ("count", "confidence", "accuracy"))
+        if count in (None, "") or conf in (None, "") or acc in (None, "") or int(float(count)) == 0:
+            continue
+        out.append((float(r["bin_lo"]), float(r["bin_hi"]), int(float(count)), float(conf), float(acc)))
+    return out
+
+
+def _ece(bins: list[tuple[float, float, int, float, float]]) -> float:
+    total = sum(b[2] for b in bins)
+    return sum(c * abs(conf - acc) for _, _, c, conf, acc in bins) / total if total else 0.0
 
 
 def message(text: str):

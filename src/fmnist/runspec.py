@@ -34,6 +34,7 @@ class RunPaths:
     eval_metrics: Path
     per_class: Path
     predictions: Path
+    calibration: Path
 
     @classmethod
     def of(cls, model: str, processed: str | Path = PROCESSED_DIR) -> RunPaths:
@@ -41,7 +42,8 @@ class RunPaths:
         return cls(processed=Path(processed), model=Path("models") / f"{model}.pt",
                    resume=Path(".fmnist/resume") / f"{model}.pt", history=train / "history.csv",
                    train_metrics=train / "metrics.json", eval_metrics=evaluate / "metrics.json",
-                   per_class=evaluate / "per_class.json", predictions=evaluate / "predictions.csv")
+                   per_class=evaluate / "per_class.json", predictions=evaluate / "predictions.csv",
+                   calibration=evaluate / "calibration.csv")
 
     def outputs(self) -> tuple[Path, ...]:
         return tuple(p for f, p in dataclasses.asdict(self).items() if f != "processed")

@@ -2,6 +2,7 @@
 
 - ``wilson``: the 95% interval of one accuracy, k right out of n test images (one run, test-set noise).
 - ``summary``: n, mean, standard deviation and the 95% t interval of a figure over runs (seeds).
+- ``from_se``: the normal interval of one run's mean over its test images, from its standard error.
 - ``mcnemar``: McNemar's exact test of two classifiers scored on the same test images.
 
 scipy (installed with MLflow) gives the t and binomial distributions.
@@ -23,7 +24,7 @@ class Summary:
     sd: float  # sample standard deviation (n - 1); nan when n < 2
     lo: float  # the interval; nan when there is none
     hi: float
-    kind: str  # "t" (over runs), "wilson" (one accuracy over the test images) or "none"
+    kind: str  # "t" (over runs), "wilson" (one accuracy over the test images), "se" (one mean) or "none"
 
     def contains(self, value: float) -> bool:
         return self.lo <= value <= self.hi
@@ -66,6 +67,12 @@ def accuracy_summary(accuracies: Sequence[float], n_test: int, level: float = LE
     acc = float(accuracies[0])
     lo, hi = wilson(round(acc * n_test), n_test, level)
     return Summary(1, acc, math.nan, lo, hi, "wilson")
+
+
+def from_se(mean: float, se: float, level: float = LEVEL) -> Summary:
+    """One run's mean over its test images +- z * its standard error (the images' noise, not the seed's)."""
+    half = _z(level) * se
+    return Summary(1, float(mean), math.nan, mean - half, mean + half, "se")
 
 
 @dataclass(frozen=True)

@@ -1,33 +1,49 @@
-"""`fmnist compare`: the architecture x loss table of the MLflow runs, as markdown and a PNG heatmap.
+"""`fmnist compare`: cross-entropy against focal loss, model by model, over seeds, with 95% intervals.
 
-For each (model, loss) pair it takes the latest FINISHED run that has test
-metrics (``dvc exp run -S loss=focal`` adds the focal column). Runs are tagged
-``model`` and ``loss`` by the train stage; evaluate adds ``test_accuracy`` and
-``test_loss``. The files go to OUT/compare.md and OUT/compare.png (default OUT:
-reports/, beside, not inside, the report stage's reports/figures/, which DVC owns). Where a
-model has both a cross-entropy and a focal run, OUT/compare_curves.png puts their training and
-validation loss curves (from the runs' MLflow histories) side by side.
+The train stage tags each MLflow run ``model``, ``loss``, ``recipe``, ``fmnist.cell`` (everything
+that decides the run except the seed) and ``fmnist.pair`` (the same without the loss settings), and
+logs the param ``seed``; evaluate adds the test metrics and ``calibration.json``. A cell's runs are
+the latest FINISHED run with test metrics of each seed (``dvc exp run -S seed=7`` adds one).
+
+- Per cell: n runs; test accuracy, test NLL and ECE with their 95% intervals (a t interval over the
+  seeds when n >= 2; for one run, the test set's noise alone: Wilson on the 10,000 test images for
+  the accuracy, +- 1.96 standard errors for the NLL, none for the ECE); NLL and ECE after
+  temperature scaling.
+- Per model: focal minus cross-entropy, paired by seed (same ``fmnist.pair``), over the seeds both
+  cells have, with its t interval; "no difference shown" where the interval holds 0.
+- ``--mcnemar A B``: McNemar's exact test on two models' predictions.csv (no MLflow needed).
+
+Files (default OUT: reports/, beside, not inside, the report stage's reports/figures/, which DVC
+owns): OUT/compare.md; OUT/compare.png (each model's test accuracy with its interval, its cells side
+by side); OUT/compare_reliability.png (reliability diagrams, cells side by side, model by model,
+from the runs' calibration.json, pooled over seeds); and, where a model has both a cross-entropy
+and a focal run, OUT/compare_curves.png (their training and validation loss curves).
 """
 
 from __future__ import annotations
 
+import csv
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fmnist import FmnistError
+from fmnist import FmnistError, stats
 
-# metric -> (title, markdown format, heatmap format, higher is better)
-METRICS = {
-    "test_accuracy": ("Test accuracy", "{:.2%}", "{:.2%}", True),
-    "test_loss": ("Test loss (cross-entropy)", "{:.4f}", "{:.3f}", False),
-    "train_time_s": ("Training time (s)", "{:.1f}", "{:.1f}", False),
-}
+TEST_IMAGES = 10_000  # the Fashion-MNIST test split, which evaluate scores whole
 LOSS_ORDER = ("ce", "focal")
 LOSS_NAMES = {"ce": "cross-entropy", "focal": "focal loss"}
+NO_DIFFERENCE = "no difference shown"
+SECOND_SEED = "a second seed is needed for an interval"
+ONE_RUN = "†"  # marks an interval over the test images of one run, not over seeds
+# metric -> (column title, scale, decimals, unit)
+SHOWN = {"test_accuracy": ("test accuracy", 100, 2, "%"), "test_nll": ("test NLL", 1, 4, ""),
+         "test_ece": ("ECE", 100, 2, "%"), "test_nll_ts": ("NLL after TS", 1, 4, ""),
+         "test_ece_ts": ("ECE after TS", 100, 2, "%"), "temperature": ("T", 1, 2, "")}
+PAIRED = {"test_accuracy": ("pts", 100, 2), "test_nll": ("", 1, 4), "test_ece": ("pts", 100, 2)}
 
 
 class CompareError(FmnistError):
-    """Nothing to compare, or a malformed filter."""
+    """Nothing to compare, or a malformed filter or predictions file."""
 
 
 def parse_tags(items: list[str] | tuple[str, ...]) -> dict[str, str]:
@@ -40,79 +56,335 @@ def parse_tags(items: list[str] | tuple[str, ...]) -> dict[str, str]:
     return tags
 
 
-def latest_per_pair(runs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
-    """(model, loss) -> the newest run with test metrics, whatever order ``runs`` come in."""
-    cells: dict[tuple[str, str], dict[str, Any]] = {}
+# --------------------------------------------------------------------------- cells and pairs
+
+@dataclass
+class Cell:
+    """One training setting: its runs, one per seed (the latest FINISHED run with test metrics)."""
+
+    key: str  # the fmnist.cell tag
+    pair: str  # the fmnist.pair tag: the setting without the loss's
+    model: str
+    loss: str
+    recipe: str
+    runs: dict[str, dict[str, Any]] = field(default_factory=dict)  # seed -> run
+    label: str = ""  # how tables and figures name it: model and loss, more where that is ambiguous
+
+    @property
+    def n(self) -> int:
+        return len(self.runs)
+
+    def values(self, metric: str) -> list[float]:
+        return [self.runs[s]["metrics"][metric] for s in self.seeds() if metric in self.runs[s]["metrics"]]
+
+    def seeds(self) -> list[str]:
+        return sorted(self.runs, key=_seed_order)
+
+
+def _seed_order(seed: str) -> tuple:
+    return (0, int(seed), "") if seed.lstrip("-").isdigit() else (1, 0, seed)
+
+
+def group(runs: list[dict[str, Any]]) -> tuple[list[Cell], int]:
+    """The cells of these runs (any order), and how many runs with test metrics carry no
+    ``fmnist.cell`` tag (trained before it existed) and are left out."""
+    cells: dict[str, Cell] = {}
+    untagged = 0
     for r in sorted(runs, key=lambda r: -(r["start_time"] or 0)):
-        model, loss = r["tags"].get("model"), r["tags"].get("loss")
-        if model and loss and "test_accuracy" in r["metrics"] and (model, loss) not in cells:
-            cells[(model, loss)] = r
-    return cells
+        tags = r["tags"]
+        if "test_accuracy" not in r["metrics"]:
+            continue
+        if "fmnist.cell" not in tags:
+            untagged += 1
+            continue
+        key = tags["fmnist.cell"]
+        cell = cells.setdefault(key, Cell(key, tags.get("fmnist.pair", key), tags.get("model", "?"),
+                                          tags.get("loss", "?"), tags.get("recipe", "?")))
+        cell.runs.setdefault(r["params"].get("seed", r["run_id"]), r)  # newest first: the latest wins
+    return list(cells.values()), untagged
+
+
+def order(cells: list[Cell], params: str | Path) -> list[Cell]:
+    """params.yaml's model order (then the others alphabetically), cross-entropy before focal; labels set."""
+    models = _model_order({c.model for c in cells}, params)
+    losses = {loss: i for i, loss in enumerate(LOSS_ORDER)}
+    out = sorted(cells, key=lambda c: (models.index(c.model), losses.get(c.loss, len(losses)), c.loss, c.recipe,
+                                       c.key))
+    for c in out:
+        same = [o for o in out if (o.model, o.loss) == (c.model, c.loss)]
+        c.label = f"{c.model}, {LOSS_NAMES.get(c.loss, c.loss)}"
+        if len(same) > 1:
+            c.label += f" ({c.key.split('/', 2)[-1]})"  # the recipe and the settings' hash
+    return out
 
 
 def _model_order(models: set[str], params: str | Path) -> list[str]:
     """params.yaml's order first (where it can be read), then the rest alphabetically."""
-    order: list[str] = []
+    known: list[str] = []
     try:
         from fmnist import config
 
-        order = [m for m in config.load(params).models if m in models]
+        known = [m for m in config.load(params).models if m in models]
     except FmnistError:
         pass
-    return order + sorted(models - set(order))
+    return known + sorted(models - set(known))
 
 
-def table(cells: dict[tuple[str, str], dict[str, Any]], params: str | Path = "params.yaml"):
-    models = _model_order({m for m, _ in cells}, params)
-    found = {loss for _, loss in cells}
-    losses = [loss for loss in LOSS_ORDER if loss in found] + sorted(found - set(LOSS_ORDER))
-    values = {metric: [[cells[(m, loss)]["metrics"].get(metric) if (m, loss) in cells else None for loss in losses]
-                       for m in models] for metric in METRICS}
-    return models, losses, values
+def summaries(cell: Cell) -> dict[str, stats.Summary | None]:
+    """Metric -> its summary over the cell's runs (None where no run has it)."""
+    out: dict[str, stats.Summary | None] = {
+        "test_accuracy": stats.accuracy_summary(cell.values("test_accuracy"), TEST_IMAGES)}
+    nll, se = cell.values("test_nll"), cell.values("test_nll_se")
+    out["test_nll"] = (stats.from_se(nll[0], se[0]) if len(nll) == 1 and len(se) == 1
+                       else stats.summary(nll) if nll else None)
+    for metric in ("test_ece", "test_nll_ts", "test_ece_ts", "temperature"):
+        values = cell.values(metric)
+        out[metric] = stats.summary(values) if values else None
+    return out
 
 
-def markdown(models, losses, values, cells, experiment: str, tags: dict[str, str]) -> str:
+@dataclass
+class Difference:
+    """Focal minus cross-entropy for one model and setting, over the seeds both cells have."""
+
+    ce: Cell
+    focal: Cell
+    seeds: list[str]
+    deltas: dict[str, stats.Summary | None]  # metric -> the summary of the per-seed differences
+
+
+def differences(cells: list[Cell]) -> list[Difference]:
+    out = []
+    for ce in (c for c in cells if c.loss == "ce"):
+        for focal in (c for c in cells if c.loss == "focal" and c.pair == ce.pair):
+            seeds = sorted(ce.runs.keys() & focal.runs.keys(), key=_seed_order)
+            deltas = {}
+            for metric in PAIRED:
+                d = [focal.runs[s]["metrics"][metric] - ce.runs[s]["metrics"][metric] for s in seeds
+                     if metric in focal.runs[s]["metrics"] and metric in ce.runs[s]["metrics"]]
+                deltas[metric] = stats.summary(d) if d else None
+            out.append(Difference(ce, focal, seeds, deltas))
+    return out
+
+
+# --------------------------------------------------------------------------- markdown
+
+def shown(s: stats.Summary | None, metric: str) -> str:
+    """'91.23% [90.91, 91.55]' (over seeds), '91.23% [90.66, 91.77]†' (one run), '1.23% (one run)'."""
+    if s is None:
+        return "-"
+    _, k, d, unit = SHOWN[metric]
+    mean = f"{k * s.mean:.{d}f}{unit}"
+    if s.kind == "none":
+        return f"{mean} (one run)"
+    return f"{mean} [{k * s.lo:.{d}f}, {k * s.hi:.{d}f}]" + (ONE_RUN if s.n == 1 else "")
+
+
+def paired(s: stats.Summary | None, metric: str) -> str:
+    """'+0.12 pts [-0.30, +0.54]: no difference shown', or why there is no interval."""
+    if s is None:
+        return "-"
+    unit, k, d = PAIRED[metric]
+    unit = f" {unit}" if unit else ""
+    mean = f"{k * s.mean:+.{d}f}{unit}"
+    if s.n < 2:
+        return f"{mean} (no interval)"
+    text = f"{mean} [{k * s.lo:+.{d}f}, {k * s.hi:+.{d}f}]"
+    return f"{text}: {NO_DIFFERENCE}" if s.contains(0) else text
+
+
+def markdown(cells: list[Cell], diffs: list[Difference], experiment: str, tags: dict[str, str],
+             untagged: int) -> str:
     where = f"experiment `{experiment}`" + (", tags " + ", ".join(f"`{k}={v}`" for k, v in tags.items())
                                              if tags else "")
-    out = ["# Architecture x loss", "",
-           f"The latest FINISHED run of each (model, loss) pair with test metrics; {where}. "
-           "The test loss is cross-entropy for every run, whatever loss trained it; - means no such run.", ""]
-    for metric, (title, fmt, _, higher) in METRICS.items():
-        out += [f"## {title}", "", "| model | " + " | ".join(losses) + " |",
-                "|---|" + "--:|" * len(losses)]
-        for m, row in zip(models, values[metric]):
-            best = _best(row, higher)
-            cells_md = ["-" if v is None else (f"**{fmt.format(v)}**" if i == best else fmt.format(v))
-                        for i, v in enumerate(row)]
-            out.append(f"| {m} | " + " | ".join(cells_md) + " |")
-        out.append("")
-    out += ["Bold: the better loss for that model.", "", "## Runs", "", "| model | loss | run id |", "|---|---|---|"]
-    out += [f"| {m} | {loss} | `{cells[(m, loss)]['run_id']}` |" for m in models for loss in losses
-            if (m, loss) in cells]
+    out = ["# Cross-entropy against focal loss, over seeds", "",
+           f"Runs of {where}. A cell is one training setting (the `fmnist.cell` tag: model, loss, recipe and "
+           "every other setting but the seed); its runs are the latest FINISHED run with test metrics of each "
+           "seed. NLL and ECE score the probabilities, whatever loss trained the model."]
+    if untagged:
+        out.append(f"{untagged} older run(s) without the `fmnist.cell` tag are left out.")
+    s = {c.key: summaries(c) for c in cells}
+    out += ["", "## Test accuracy and NLL", "", "| cell | n | test accuracy (95% CI) | sd (pts) | test NLL (95% CI) |",
+            "|---|--:|--:|--:|--:|"]
+    for c in cells:
+        acc = s[c.key]["test_accuracy"]
+        sd = f"{100 * acc.sd:.2f}" if acc.n >= 2 else "-"
+        out.append(f"| {c.label} | {c.n} | {shown(acc, 'test_accuracy')} | {sd} | "
+                   f"{shown(s[c.key]['test_nll'], 'test_nll')} |")
+    calib = ("test_ece", "test_nll_ts", "test_ece_ts", "temperature")
+    out += ["", "## Calibration", "", "| cell | n | " + " | ".join(f"{SHOWN[m][0]} (95% CI)" for m in calib) + " |",
+            "|---|--:|" + "--:|" * len(calib)]
+    out += [f"| {c.label} | {c.n} | " + " | ".join(shown(s[c.key][m], m) for m in calib) + " |" for c in cells]
+    out += ["", f"95% intervals. n >= 2: the t interval over the seeds, what another seed may give. {ONE_RUN}: one "
+            f"run, whose interval holds the test set's noise alone (accuracy: Wilson on the {TEST_IMAGES:,} test "
+            "images; NLL: +- 1.96 standard errors over them): narrower than the seeds' spread, so a second seed is "
+            "needed before two settings can be told apart. ECE: top-label, 15 equal-width bins. TS: temperature "
+            "scaling, one T fitted on the validation split's NLL; it changes no prediction."]
+
+    out += ["", "## Focal loss minus cross-entropy, paired by seed", ""]
+    if diffs:
+        out += ["| model | seeds | " + " | ".join(f"Δ {SHOWN[m][0]} (95% CI)" for m in PAIRED) + " |",
+                "|---|---|" + "--:|" * len(PAIRED)]
+        for d in diffs:
+            name = d.ce.model if d.focal.label == f"{d.ce.model}, focal loss" else f"{d.focal.label} against ce"
+            seeds = (", ".join(d.seeds) if len(d.seeds) > 1 else f"{d.seeds[0]} only: {SECOND_SEED}" if d.seeds
+                     else "none in common")
+            deltas = [paired(d.deltas[m], m) if d.seeds else "-" for m in PAIRED]
+            out.append(f"| {name} | {seeds} | " + " | ".join(deltas) + " |")
+        out += ["", "Each seed's focal run minus its cross-entropy run (same model and settings), averaged over the "
+                f"seeds both have, with the 95% t interval of that mean; \"{NO_DIFFERENCE}\": the interval holds 0. "
+                "Above 0: focal loss gives the higher figure (better for accuracy, worse for NLL and ECE). "
+                "pts: percentage points."]
+    else:
+        out.append("No model has both a cross-entropy and a focal-loss cell with the same settings: "
+                   "`dvc exp run -S loss=focal` (and `-S seed=N` for more seeds) adds them.")
+    out += ["", "## Runs", "", "| cell | tag `fmnist.cell` | seed | run id |", "|---|---|--:|---|"]
+    out += [f"| {c.label} | `{c.key}` | {seed} | `{c.runs[seed]['run_id']}` |" for c in cells for seed in c.seeds()]
     return "\n".join(out) + "\n"
 
 
-def _best(row: list[float | None], higher: bool) -> int | None:
-    vals = [(v, i) for i, v in enumerate(row) if v is not None]
-    if len(vals) < 2:
-        return None
-    return (max(vals) if higher else min(vals))[1]
+# --------------------------------------------------------------------------- figures
+
+def accuracy_panels(cells: list[Cell], diffs: list[Difference]) -> dict[str, dict[str, Any]]:
+    """compare.png's panels: per model, each cell's mean test accuracy (%) and its interval."""
+    from fmnist import plots
+
+    colours = {"ce": plots.BLUE, "focal": plots.ORANGE}
+    panels: dict[str, dict[str, Any]] = {}
+    for c in cells:
+        acc = summaries(c)["test_accuracy"]
+        name = c.label.split(", ", 1)[1]
+        panels.setdefault(c.model, {"points": [], "note": ""})["points"].append(
+            {"label": f"{name}\nn = {c.n}", "mean": 100 * acc.mean, "lo": 100 * acc.lo, "hi": 100 * acc.hi,
+             "color": colours.get(c.loss, plots.GREY), "filled": acc.n >= 2})
+    for d in diffs:
+        delta = d.deltas["test_accuracy"]
+        if delta is None:
+            continue
+        if delta.n >= 2:  # the verdict on a line of its own: the panels are narrow
+            note = "focal − ce: " + paired(delta, "test_accuracy").replace(f": {NO_DIFFERENCE}", f"\n{NO_DIFFERENCE}")
+        else:
+            note = "one seed each: a second\nis needed for an interval"
+        panels[d.ce.model]["note"] = "\n".join(filter(None, (panels[d.ce.model]["note"], note)))
+    return panels
 
 
-def loss_histories(cells: dict[tuple[str, str], dict[str, Any]], models: list[str]) -> dict[str, dict]:
-    """"MODEL, LOSS" -> its run's per-epoch train and validation loss, for every model run with both losses."""
+def pooled_bins(cell: Cell) -> tuple[list[dict[str, Any]] | None, int]:
+    """The reliability bins of the cell's runs (their calibration.json), pooled: counts added,
+    confidence and accuracy averaged with the counts as weights (None if no run logged them);
+    and how many runs they pool."""
     from fmnist import tracking
 
-    out = {}
-    for m in models:
-        if (m, "ce") in cells and (m, "focal") in cells:
-            for loss in ("ce", "focal"):
-                h = tracking.metric_histories(cells[(m, loss)]["run_id"], ("train_loss", "val_loss"))
-                steps = sorted(set(h["train_loss"]) & set(h["val_loss"]))
-                out[f"{m}, {LOSS_NAMES[loss]}"] = {"epoch": steps, "train_loss": [h["train_loss"][e] for e in steps],
-                                                  "val_loss": [h["val_loss"][e] for e in steps]}
-    return out
+    logged = [tracking.json_artifact(cell.runs[s]["run_id"], "calibration.json") for s in cell.seeds()]
+    logged = [c["bins"] for c in logged if c]
+    if not logged:
+        return None, 0
+    rows = []
+    for bins in zip(*logged):
+        row: dict[str, Any] = {"bin_lo": bins[0]["bin_lo"], "bin_hi": bins[0]["bin_hi"]}
+        for suffix in ("", "_ts"):
+            count = sum(b[f"count{suffix}"] or 0 for b in bins)
+            row[f"count{suffix}"] = count
+            for k in ("confidence", "accuracy"):
+                row[f"{k}{suffix}"] = (sum((b[f"count{suffix}"] or 0) * (b[f"{k}{suffix}"] or 0) for b in bins) / count
+                                       if count else None)
+        rows.append(row)
+    return rows, len(logged)
 
+
+def reliability_panels(cells: list[Cell]) -> tuple[dict[str, Any], int]:
+    """compare_reliability.png's panels and columns: per model and setting (``fmnist.pair``), its
+    cross-entropy cell, then its focal ones; a missing one is a "no run" panel, so that they line up
+    (two models a row where each has two panels, so that nine models fit a screen)."""
+    rows: dict[str, list[Cell | str]] = {}
+    for c in cells:
+        rows.setdefault(c.pair, []).append(c)
+    for row in rows.values():
+        model, losses = row[0].model, [c.loss for c in row]
+        row[:0] = [] if "ce" in losses else [f"{model}, {LOSS_NAMES['ce']}"]
+        row += [] if "focal" in losses else [f"{model}, {LOSS_NAMES['focal']}"]
+    width = max(len(r) for r in rows.values())
+    panels: dict[str, Any] = {}
+    for row in rows.values():
+        for c in row:
+            if isinstance(c, str):
+                panels[c] = None
+                continue
+            bins, k = pooled_bins(c)
+            runs = "1 run" if c.n == 1 else f"{k} runs pooled" if k == c.n else f"{k} of {c.n} runs pooled"
+            panels[f"{c.label} ({runs})"] = bins
+        for j in range(len(row), width):  # another setting has more focal cells than this one
+            panels[f"{row[0] if isinstance(row[0], str) else row[0].label} [{j + 1}]"] = None
+    return panels, 2 * width if width == 2 and len(rows) > 2 else width
+
+
+def loss_histories(diffs: list[Difference]) -> tuple[dict[str, dict], dict[str, str]]:
+    """For every model with a cross-entropy and a focal cell: panel -> the per-epoch train and validation
+    loss of the run of the first seed both have, and panel -> the loss it trained on."""
+    from fmnist import tracking
+
+    curves, losses = {}, {}
+    for d in diffs:
+        if not d.seeds:
+            continue
+        for c in (d.ce, d.focal):
+            h = tracking.metric_histories(c.runs[d.seeds[0]]["run_id"], ("train_loss", "val_loss"))
+            steps = sorted(set(h["train_loss"]) & set(h["val_loss"]))
+            panel = f"{c.label}, seed {d.seeds[0]}"
+            curves[panel] = {"epoch": steps, "train_loss": [h["train_loss"][e] for e in steps],
+                             "val_loss": [h["val_loss"][e] for e in steps]}
+            losses[panel] = LOSS_NAMES.get(c.loss, c.loss)
+    return curves, losses
+
+
+# --------------------------------------------------------------------------- McNemar
+
+def predictions_file(name: str) -> Path:
+    """A model's reports/eval/MODEL/predictions.csv, or the path itself."""
+    from fmnist.runspec import RunPaths
+
+    path = Path(name)
+    if path.is_file():
+        return path
+    of_model = RunPaths.of(name).predictions
+    if of_model.is_file():
+        return of_model
+    raise CompareError(f"--mcnemar {name}: no such file, nor {of_model}; give a model evaluated here "
+                       "(`dvc repro evaluate@MODEL`) or the path to a predictions.csv")
+
+
+def read_correct(path: Path) -> dict[int, bool]:
+    """Test image index -> whether the prediction is right, from an evaluate predictions.csv."""
+    try:
+        with open(path, newline="") as f:
+            return {int(r["index"]): r["actual"] == r["predicted"] for r in csv.DictReader(f)}
+    except (KeyError, ValueError, TypeError) as e:
+        raise CompareError(f"{path}: not a predictions.csv of `fmnist evaluate` (columns index, actual, "
+                           f"predicted; {type(e).__name__}: {e})") from e
+
+
+def mcnemar(a: str, b: str) -> stats.McNemar:
+    """McNemar's exact test of two models' predictions on the same test images; printed, and returned."""
+    pa, pb = predictions_file(a), predictions_file(b)
+    ca, cb = read_correct(pa), read_correct(pb)
+    if ca.keys() != cb.keys():
+        raise CompareError(f"--mcnemar: {pa} and {pb} score different images ({len(ca)} and {len(cb)}, "
+                           f"{len(ca.keys() ^ cb.keys())} not in both); evaluate both on the same test split")
+    images = sorted(ca)
+    t = stats.mcnemar([ca[i] for i in images], [cb[i] for i in images])
+    verdict = (f"A and B differ at the 5% level ({'A' if t.only_a > t.only_b else 'B'} is right more often)"
+               if t.p_value < 0.05 else f"{NO_DIFFERENCE} at the 5% level")
+    print(f"McNemar's exact test on {t.n:,} test images\n"
+          f"  A: {pa} (accuracy {(t.both + t.only_a) / t.n:.2%})\n"
+          f"  B: {pb} (accuracy {(t.both + t.only_b) / t.n:.2%})\n"
+          f"  only A right: {t.only_a:,}   only B right: {t.only_b:,}   both right: {t.both:,}   "
+          f"both wrong: {t.neither:,}\n"
+          f"  p = {t.p_value:.4g} (two-sided, binomial on the {t.only_a + t.only_b:,} images where they differ): "
+          f"{verdict}")
+    return t
+
+
+# --------------------------------------------------------------------------- main
 
 def main(experiment: str | None = None, tags: list[str] | tuple[str, ...] = (), out: str | Path = "reports",
          params: str | Path = "params.yaml") -> tuple[Path, Path]:
@@ -121,24 +393,32 @@ def main(experiment: str | None = None, tags: list[str] | tuple[str, ...] = (), 
 
     tag_filter = parse_tags(tags)
     name = experiment or tracking.experiment_name()
-    cells = latest_per_pair(tracking.finished_runs(name, tag_filter))
+    cells, untagged = group(tracking.finished_runs(name, tag_filter))
     if not cells:
-        raise CompareError(f"no FINISHED run with test metrics in experiment {name!r} at {tracking.tracking_uri()}"
-                           + (f" with tags {tag_filter}" if tag_filter else "")
+        raise CompareError(f"no FINISHED run with test metrics and the fmnist.cell tag in experiment {name!r} at "
+                           f"{tracking.tracking_uri()}" + (f" with tags {tag_filter}" if tag_filter else "")
+                           + (f" ({untagged} older run(s) lack the tag: train them again)" if untagged else "")
                            + "; run `dvc repro` (or `fmnist train MODEL` and `fmnist evaluate MODEL`) first")
-    models, losses, values = table(cells, params)
-    text = markdown(models, losses, values, cells, name, tag_filter)
+    cells = order(cells, params)
+    diffs = differences(cells)
+    text = markdown(cells, diffs, name, tag_filter, untagged)
     out = Path(out)
-    md, png = out / "compare.md", out / "compare.png"
+    md, png, rel = out / "compare.md", out / "compare.png", out / "compare_reliability.png"
     write_text(md, text)
-    panels = {title: {"values": values[metric], "fmt": hfmt, "higher_is_better": higher}
-              for metric, (title, _, hfmt, higher) in METRICS.items()}
-    save_figure(png, plots.compare_heatmap(models, losses, panels))
-    wrote = [md, png]
-    curves = loss_histories(cells, models)
+    save_figure(png, plots.interval_panels(
+        accuracy_panels(cells, diffs), "test accuracy (%)", "{:.2f}",
+        "Test accuracy per model: mean and 95% interval (filled: over seeds; open: one run, over the test images)"))
+    panels, ncols = reliability_panels(cells)
+    if any(p is not None for p in panels.values()):
+        save_figure(rel, plots.reliability(panels, "Reliability on the test set, cross-entropy and focal loss side "
+                                                   "by side (bins pooled over seeds)", ncols=ncols))
+    else:
+        save_figure(rel, plots.message("no run has logged calibration.json: run `fmnist evaluate MODEL` again"))
+    wrote = [md, png, rel]
+    curves, losses = loss_histories(diffs)
     if curves:
         wrote.append(out / "compare_curves.png")
-        save_figure(wrote[-1], plots.loss_curves(curves, {k: k.split(", ")[1] for k in curves},
+        save_figure(wrote[-1], plots.loss_curves(curves, losses,
                                                   "Cross-entropy and focal loss, side by side: loss per epoch"))
     print(text)
     print("wrote " + ", ".join(map(str, wrote)))

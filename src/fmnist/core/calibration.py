@@ -8,6 +8,8 @@ confidence. ECE is top-label with 15 equal-width bins, as in Guo et al. and Mukh
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 N_BINS = 15
@@ -15,7 +17,14 @@ N_BINS = 15
 
 def nll(logp: torch.Tensor, labels: torch.Tensor) -> float:
     """Mean negative log-likelihood of the true class: a proper scoring rule, whatever loss trained the model."""
-    return float(-logp.float().gather(1, labels.view(-1, 1)).mean())
+    return float(-logp.double().gather(1, labels.view(-1, 1)).mean())
+
+
+def nll_se(logp: torch.Tensor, labels: torch.Tensor) -> float:
+    """The standard error of ``nll`` over these images (their sample sd / sqrt(n)): the interval of one
+    run's NLL on this test set, which is all the noise one run can show."""
+    per_image = -logp.double().gather(1, labels.view(-1, 1)).squeeze(1)
+    return float(per_image.std() / math.sqrt(len(per_image))) if len(per_image) > 1 else math.nan
 
 
 def brier(logp: torch.Tensor, labels: torch.Tensor) -> float:
@@ -26,13 +35,19 @@ def brier(logp: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def reliability(logp: torch.Tensor, labels: torch.Tensor, n_bins: int = N_BINS) -> list[dict[str, float]]:
-    """One row per confidence bin ((lo, hi], the first one [0, hi]): the images in it, their mean
-    top-label confidence and the fraction right. Empty bins have count 0 and no confidence or accuracy."""
+    """One row per confidence bin, [lo, hi) and the last one [lo, 1]: the images in it, their mean
+    top-label confidence and the fraction right. Empty bins have count 0 and no confidence or accuracy.
+
+    The bin edges are torchmetrics' (``torch.linspace``, ``bucketize(right=True)``), but a confidence
+    of exactly 1.0 (common in float32: any logit gap above ~17) falls in the last bin, as in Guo et al.
+    and NumPy's histogram; torchmetrics 1.9 counts it in a sixteenth bin of its own
+    (Lightning-AI/torchmetrics#3510)."""
     conf, pred = logp.float().exp().max(1)
-    right = (pred == labels).float()
-    bins = (conf * n_bins).ceil().long().clamp(1, n_bins) - 1  # (lo, hi] as torchmetrics bins them
-    count = torch.bincount(bins, minlength=n_bins).float()
-    conf_sum = torch.bincount(bins, weights=conf, minlength=n_bins)
+    right = (pred == labels).double()
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=conf.dtype)
+    bins = (torch.bucketize(conf, edges, right=True) - 1).clamp(0, n_bins - 1)
+    count = torch.bincount(bins, minlength=n_bins)
+    conf_sum = torch.bincount(bins, weights=conf.double(), minlength=n_bins)
     right_sum = torch.bincount(bins, weights=right, minlength=n_bins)
     rows = []
     for b in range(n_bins):
@@ -55,23 +70,22 @@ def scale(logp: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.log_softmax(logp.float() / temperature, dim=1)
 
 
-def fit_temperature(logp: torch.Tensor, labels: torch.Tensor) -> float:
+def fit_temperature(logp: torch.Tensor, labels: torch.Tensor, bounds: tuple[float, float] = (0.01, 100.0)) -> float:
     """The T > 0 that minimises the NLL of ``scale(logp, T)`` on these (validation) images.
 
-    The NLL is convex in 1/T, so L-BFGS on log T finds the one minimum from T = 1."""
-    x = logp.detach().float()
-    log_t = torch.zeros((), requires_grad=True)
-    opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=200, tolerance_grad=1e-9, tolerance_change=1e-12,
-                            line_search_fn="strong_wolfe")
+    The NLL is convex in 1/T, so it has one minimum: a bounded scalar search on log T (scipy's Brent)
+    finds it in a few dozen evaluations, in double precision and without autograd. Where every image
+    is right, the NLL falls as T -> 0 and has no minimum: the search ends near the lower bound."""
+    from scipy.optimize import minimize_scalar
 
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(x / log_t.exp(), labels)
-        loss.backward()
-        return loss
+    x = logp.detach().double()
 
-    opt.step(closure)
-    return float(log_t.detach().exp())
+    def loss(log_t: float) -> float:
+        return float(torch.nn.functional.cross_entropy(x / math.exp(log_t), labels))
+
+    found = minimize_scalar(loss, bounds=(math.log(bounds[0]), math.log(bounds[1])), method="bounded",
+                            options={"xatol": 1e-6})
+    return float(math.exp(found.x))
 
 
 def scores(logp: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

@@ -5,11 +5,11 @@
 - registry: MLflow Models, the registered model ``fashion-mnist`` and its ``champion``.
 """
 
-from fmnist.tracking.runs import (Run, existing_run, finished_runs, flatten, metric_histories, reap_orphans,
-                                  run_tags, start_run)
+from fmnist.tracking.runs import (Run, existing_run, finished_runs, flatten, json_artifact, metric_histories,
+                                  reap_orphans, run_tags, start_run)
 from fmnist.tracking.store import (EXPERIMENT, TrackingError, TrackingURIError, check_uri, client,
                                    experiment_name, repo_root, tracking_uri)
 
 __all__ = ["EXPERIMENT", "Run", "TrackingError", "TrackingURIError", "check_uri", "client", "existing_run",
-           "experiment_name", "finished_runs", "flatten", "metric_histories", "reap_orphans", "repo_root",
-           "run_tags", "start_run", "tracking_uri"]
+           "experiment_name", "finished_runs", "flatten", "json_artifact", "metric_histories", "reap_orphans",
+           "repo_root", "run_tags", "start_run", "tracking_uri"]

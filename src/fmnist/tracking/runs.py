@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
@@ -235,7 +236,7 @@ def metric_histories(run_id: str, keys: tuple[str, ...]) -> dict[str, dict[int, 
 
 def finished_runs(experiment: str | None = None, tags: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """The FINISHED runs of an experiment carrying every tag in ``tags``, newest first, as plain
-    dicts (run_id, start_time, tags, metrics), so callers never touch MLflow objects."""
+    dicts (run_id, start_time, tags, params, metrics), so callers never touch MLflow objects."""
     from mlflow import MlflowClient
 
     name = experiment or experiment_name()
@@ -266,4 +267,24 @@ def finished_runs(experiment: str | None = None, tags: dict[str, str] | None = N
     except Exception as e:
         raise TrackingError(f"MLflow tracking store {uri} cannot be read ({cause(e)}); {FIX_STORE}") from e
     return [{"run_id": r.info.run_id, "start_time": r.info.start_time, "tags": dict(r.data.tags),
-             "metrics": dict(r.data.metrics)} for r in runs]
+             "params": dict(r.data.params), "metrics": dict(r.data.metrics)} for r in runs]
+
+
+PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # off for one small file: no bar on the terminal
+
+
+def json_artifact(run_id: str, name: str) -> Any | None:
+    """A JSON artifact at the top of a run's artifacts (as ``Run.log_dict`` writes them); None if the
+    run has none of that name (a run evaluated before the artifact existed)."""
+    from unittest import mock
+
+    from mlflow import MlflowClient
+
+    c = MlflowClient(tracking_uri=tracking_uri())
+    try:
+        if name not in {a.path for a in retry(lambda: c.list_artifacts(run_id))}:
+            return None
+        with tempfile.TemporaryDirectory() as tmp, mock.patch.dict(os.environ, {PROGRESS_BAR: "false"}):
+            return json.loads(Path(retry(lambda: c.download_artifacts(run_id, name, tmp))).read_text())
+    except Exception as e:
+        raise TrackingError(f"MLflow run {run_id}: its artifact {name} cannot be read ({cause(e)}); {FIX_STORE}") from e
