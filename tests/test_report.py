@@ -210,7 +210,8 @@ def test_report_reads_what_the_train_and_evaluate_stages_write(workdir, processe
     assert all((report.REPORT.parent / link).is_file() for link in linked_figures(md))
     # evaluate logged its figures to each model's MLflow run
     logged = sorted(p.name for p in (workdir / "mlartifacts").rglob("*.png"))
-    assert logged == ["confusion_matrix.png", "confusion_matrix.png", "per_class.png", "per_class.png"]
+    assert logged == ["confusion_matrix.png", "confusion_matrix.png", "per_class.png", "per_class.png",
+                      "reliability.png", "reliability.png"]
 
 
 def test_published_figures_need_the_same_architecture_and_loss():

@@ -106,45 +106,6 @@ def loss_curves(histories: dict[str, dict[str, Sequence[float]]], train_loss: di
     return fig
 
 
-def reliability_grid(panels: dict[str, dict[str, Any]],
-                     title: str = "Reliability diagrams on the test set (the diagonal: perfectly calibrated)"):
-    """Reliability diagrams, one small panel per model: per confidence bin, the accuracy of the test
-    images in it, as the model gives its probabilities (a bar over the bin) and after temperature
-    scaling (a point at the bin's mean confidence).
-
-    ``panels``: model -> {"bins": rows with bin_lo, bin_hi, confidence, accuracy, confidence_ts and
-    accuracy_ts (None for an empty bin), "ece", "ece_ts" (0..1) and "temperature"}.
-    """
-    n = len(panels)
-    ncols = min(3, n)
-    nrows = math.ceil(n / ncols)
-    fig = _figure(3.4 * ncols + 0.4, 3.4 * nrows + 0.9)
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    for i, (ax, (model, p)) in enumerate(zip(axes, panels.items())):
-        raw = [b for b in p["bins"] if b["accuracy"] is not None]
-        ax.bar([b["bin_lo"] for b in raw], [b["accuracy"] for b in raw], [b["bin_hi"] - b["bin_lo"] for b in raw],
-               align="edge", color=BLUE, alpha=0.75, edgecolor="white", label="as trained")
-        ts = [b for b in p["bins"] if b["accuracy_ts"] is not None]
-        ax.plot([b["confidence_ts"] for b in ts], [b["accuracy_ts"] for b in ts], marker="o", ms=4, lw=1.2,
-                color=ORANGE, label=f"temperature scaled (T = {p['temperature']:.2f})")
-        ax.plot([0, 1], [0, 1], ls="--", color=GREY, lw=1)
-        ax.set_title(f"{model}: ECE {100 * p['ece']:.2f}% → {100 * p['ece_ts']:.2f}%", fontsize=10.5)
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.set_aspect("equal")
-        ax.grid(alpha=0.3)
-        ax.set_axisbelow(True)
-        ax.legend(fontsize=7.5, loc="upper left", frameon=False)
-        if i + ncols >= n:  # the lowest panel of its column
-            ax.set_xlabel("confidence")
-        if i % ncols == 0:
-            ax.set_ylabel("accuracy")
-    for ax in axes[n:]:
-        ax.set_visible(False)
-    fig.suptitle(title, fontsize=13)
-    return fig
-
-
 def _int_ticks(lo: int, hi: int, most: int = 8) -> list[int]:
     step = max(1, math.ceil((hi - lo + 1) / most))
     return list(range(lo, hi + 1, step))

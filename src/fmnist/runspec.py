@@ -117,7 +117,7 @@ class RunSpec:
         return cls(model=d["model"], arch=d["arch"], hparams=dict(d["hparams"]), seed=d["seed"], loss=d["loss"],
                    focal=FocalConfig(**focal) if focal else None, data=DataConfig(**d["data"]),
                    train=TrainConfig(**train), evaluate=EvalConfig(**d["evaluate"]),
-                   paths=RunPaths(**{k: Path(v) for k, v in d["paths"].items()}), recipe=d["recipe"],
+                   paths=RunPaths.of(d["model"], d["paths"]["processed"]), recipe=d["recipe"],  # derived: old files load too
                    fallback=d["fallback"], published=d["published"], assumed=tuple(d["assumed"]),
                    own_section=d["own_section"], own_train_keys=tuple(d["own_train_keys"]))
 

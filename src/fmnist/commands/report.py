@@ -68,15 +68,10 @@ def _csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def _calibration_path(spec: RunSpec) -> Path:
-    """The evaluate stage's reliability bins of the test set, before and after temperature scaling."""
-    return spec.paths.eval_metrics.parent / "calibration.csv"
-
-
 def _model_row(spec: RunSpec) -> dict[str, Any]:
     """One model's numbers; every file it needs must exist."""
     p = spec.paths
-    for path in (p.train_metrics, p.history, p.eval_metrics, p.predictions, p.per_class, _calibration_path(spec)):
+    for path in (p.train_metrics, p.history, p.eval_metrics, p.predictions, p.per_class, p.calibration):
         _need(path)
     tm, em = _json(p.train_metrics), _json(p.eval_metrics)
     try:
@@ -130,11 +125,13 @@ def run(specs: dict[str, RunSpec]) -> Path:
                          f"(accuracy {100 * best['test_accuracy']:.2f}%)"),
          "confusion_best.png", f"Confusion matrix of the best model ({best['model']})",
          "Rows: the true class; columns: the predicted class. Numbers are image counts.")
-    save(plots.reliability_grid({r["model"]: _calibration(r) for r in _in_params_order(rows, specs)}),
+    save(plots.reliability({f"{r['model']} (T = {r['temperature']:.2f})": _csv(r["spec"].paths.calibration)
+                            for r in _in_params_order(rows, specs)},
+                           "Reliability on the test set, before and after temperature scaling", ncols=3),
          "reliability.png", "Calibration",
-         "Per confidence bin (15 of equal width), the accuracy of the test images in it: a bar for the "
-         "probabilities as the model gives them, a point after temperature scaling (T fitted on the validation "
-         "split). Bars under the diagonal: the model is more confident than it is right.")
+         "Per confidence bin (15 of equal width), the accuracy of the test images in it: bars for the "
+         "probabilities as the model gives them, orange after temperature scaling (one T per model, fitted on the "
+         "validation split). Bars under the diagonal: the model is more confident than it is right.")
     pos = {int(i): p for p, i in enumerate(test.index.tolist())}
     for kind, r in (("fully connected", best_fc), ("convolutional", best_cnn)):
         if r is None:
@@ -203,21 +200,6 @@ def _mcnemar(a: list[dict[str, str]], b: list[dict[str, str]]) -> stats.McNemar:
         raise ReportError("predictions.csv of two models score different test images; run `dvc repro` to "
                           "rebuild them")
     return stats.mcnemar([r["actual"] == r["predicted"] for r in a], [right_b[r["index"]] for r in a])
-
-
-def _calibration(row: dict[str, Any]) -> dict[str, Any]:
-    """One model's reliability bins (None where a bin is empty) and its ECE before and after scaling."""
-    path = _calibration_path(row["spec"])
-
-    def number(text: str) -> float | None:
-        return float(text) if text.strip() else None
-
-    try:
-        bins = [{k: number(r[k]) for k in ("bin_lo", "bin_hi", "confidence", "accuracy", "confidence_ts",
-                                           "accuracy_ts")} for r in _csv(path)]
-    except (KeyError, ValueError, AttributeError) as e:
-        raise ReportError(f"{path}: no column or not a number: {e}; run `dvc repro` to rebuild it") from e
-    return {"bins": bins, "ece": row["test_ece"], "ece_ts": row["test_ece_ts"], "temperature": row["temperature"]}
 
 
 def _image(test: Split, pos: dict[int, int], index: str):
