@@ -48,7 +48,9 @@ def _train(args: argparse.Namespace) -> None:
     spec = runspec.pick(_specs(args), args.model)
     nproc = args.nproc if args.nproc is not None else spec.train.nproc
     if nproc != 1 and not distributed.launched():  # torchrun runs this same command in each of nproc processes
-        train.launch(spec, nproc, args.argv, force=args.force, backend=args.backend)
+        worker = [a for i, a in enumerate(args.argv)  # less --nproc N, which torchrun would take for its own
+                  if not a.startswith("--nproc") and (i == 0 or args.argv[i - 1] != "--nproc")]
+        train.launch(spec, nproc, worker, force=args.force, backend=args.backend)
         return
     metrics = train.run(spec, resume=train.resume_requested(args.resume), progress=not args.no_progress,
                         backend=args.backend)
