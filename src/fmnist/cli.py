@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also classify image N of the test split (data/processed/test.pt), with its true label")
     s.add_argument("--json", action="store_true", help="print JSON instead of text")
 
-    s = add("compare", _compare, "cross-entropy against focal loss over seeds, with 95% intervals, from the "
+    s = add("compare", _compare, "cross-entropy against focal loss over seeds, with confidence intervals, from the "
                                  "MLflow runs (markdown and PNGs)")
     s.add_argument("--experiment", help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME or fashion-mnist)")
     s.add_argument("--tag", action="append", metavar="KEY=VALUE",
