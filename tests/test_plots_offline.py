@@ -54,7 +54,8 @@ def test_template_is_the_vendored_builds_inlined():
 
 
 def write_reports(root: Path, models: list[str]) -> None:
-    """What train@M and evaluate@M write for the plots: a 3-epoch history and 40 test predictions."""
+    """What train@M and evaluate@M write for the plots: a 3-epoch history, 40 test predictions and the
+    reliability bins."""
     for k, name in enumerate(models):
         paths = RunPaths.of(name)
         write_csv(root / paths.history,
@@ -64,6 +65,10 @@ def write_reports(root: Path, models: list[str]) -> None:
         write_csv(root / paths.predictions,
                   [{"index": i, "actual": CLASSES[i % 10], "predicted": CLASSES[(i + (i % 4 == k % 4)) % 10],
                     "confidence": 0.9} for i in range(40)])
+        write_csv(root / paths.calibration,
+                  [{"bin_lo": b / 15, "bin_hi": (b + 1) / 15, "count": 10, "confidence": (b + 0.5) / 15,
+                    "accuracy": min(1.0, (b + 0.5) / 15 + 0.02 * k), "count_ts": 10, "confidence_ts": (b + 0.5) / 15,
+                    "accuracy_ts": (b + 0.5) / 15} for b in range(15)])
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +120,7 @@ def test_plots_show_draws_every_chart_offline(page, tmp_path):
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
     models = yaml.safe_load((REPO / "params.yaml").read_text())["models"]
     ids = PLOT_ID.findall(html)
-    assert len(ids) == len(dvc["plots"]) + 2 * len(models)  # the curves; per model, history and confusion
+    assert len(ids) == len(dvc["plots"]) + 3 * len(models)  # the curves; per model, history, confusion, reliability
     assert "<script src" not in html
 
     dom, asked = render(page, tmp_path)
