@@ -242,3 +242,12 @@ def test_mcnemar_on_two_predictions_files(tmp_path, monkeypatch, fmnist):
         compare.mcnemar("mlp", str(tmp_path / "short.csv"))
     rc, _, err = fmnist("compare", "--mcnemar", "mlp", "nope")
     assert rc == 1 and "--mcnemar nope: no such file, nor reports/eval/nope/predictions.csv" in err
+
+
+def test_an_interval_is_not_shown_below_zero():
+    from fmnist import stats
+    from fmnist.commands import compare
+
+    s = stats.summary([0.001, 0.002, 0.030])  # an ECE over three seeds: the t interval reaches below 0
+    assert s.lo < 0
+    assert compare.shown(s, "test_ece").endswith(f"[0.00, {100 * s.hi:.2f}]")

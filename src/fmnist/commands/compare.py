@@ -177,7 +177,8 @@ def shown(s: stats.Summary | None, metric: str) -> str:
     mean = f"{k * s.mean:.{d}f}{unit}"
     if s.kind == "none":
         return f"{mean} (one run)"
-    return f"{mean} [{k * s.lo:.{d}f}, {k * s.hi:.{d}f}]" + (ONE_RUN if s.n == 1 else "")
+    lo = max(0.0, s.lo)  # none of these figures is below 0; a t interval over few seeds can reach there
+    return f"{mean} [{k * lo:.{d}f}, {k * s.hi:.{d}f}]" + (ONE_RUN if s.n == 1 else "")
 
 
 def paired(s: stats.Summary | None, metric: str) -> str:
@@ -218,7 +219,8 @@ def markdown(cells: list[Cell], diffs: list[Difference], experiment: str, tags: 
     out += ["", f"95% intervals. n >= 2: the t interval over the seeds, what another seed may give. {ONE_RUN}: one "
             f"run, whose interval holds the test set's noise alone (accuracy: Wilson on the {TEST_IMAGES:,} test "
             "images; NLL: +- 1.96 standard errors over them): narrower than the seeds' spread, so a second seed is "
-            "needed before two settings can be told apart. ECE: top-label, 15 equal-width bins. TS: temperature "
+            "needed before two settings can be told apart; a lower end that would fall below 0 is shown as 0. "
+            "ECE: top-label, 15 equal-width bins. TS: temperature "
             "scaling, one T fitted on the validation split's NLL; it changes no prediction."]
 
     out += ["", "## Focal loss minus cross-entropy, paired by seed", ""]
