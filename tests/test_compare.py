@@ -16,7 +16,9 @@ from conftest import REPO
 
 EXPERIMENT = "compare-test"
 LINEAR_CE, LINEAR_FOCAL = "linear/ce/project/aaaa1111", "linear/focal/project/cccc3333"
-PAIR_HASH = {"linear": "bbbb2222", "tinyvgg": "dddd0000", "zzz_custom": "eeee0000", "fmnet": "ffff0000"}
+PAIR_HASH = {"linear": "bbbb2222", "tinyvgg": "dddd0000", "zzz_custom": "eeee0000", "fmnet": "ffff0000",
+             "mlp": "abab0000", "mlp512": "cdcd0000"}
+PUBLISHED = "published-test"
 
 
 def bins(shift: float, count: int) -> list[dict]:
@@ -43,7 +45,8 @@ def store(tmp_path_factory) -> dict:
     other = c.create_experiment("other", artifact_location=(root / "other").as_uri())
     ids = {}
 
-    def run(cell, seed, t, metrics, status="FINISHED", experiment=exp, calibration=None, history=False, **tags):
+    def run(cell, seed, t, metrics, status="FINISHED", experiment=exp, calibration=None, history=False, params=None,
+            **tags):
         """``cell``: model/loss/recipe/hash; its pair: model/recipe/pair hash (the loss settings left out)."""
         model, loss, recipe, _ = cell.split("/")
         pair = f"{model}/{recipe}/{PAIR_HASH[model]}"
@@ -51,6 +54,8 @@ def store(tmp_path_factory) -> dict:
                                                          "fmnist.cell": cell, "fmnist.pair": pair, **tags})
         rid = r.info.run_id
         c.log_param(rid, "seed", str(seed))
+        for k, v in (params or {}).items():
+            c.log_param(rid, k, v)
         for k, v in metrics.items():
             c.log_metric(rid, k, v)
         if history:
@@ -86,6 +91,20 @@ def store(tmp_path_factory) -> dict:
     c.log_metric(untagged.info.run_id, "test_accuracy", 0.977)
     c.set_terminated(untagged.info.run_id, "FINISHED")
     run("fmnet/focal/project/ffff6666", 0, 1700, m(0.93, 0.21, 0.01), experiment=other)
+    # published recipes (the published figures: linear 83.43%, mlp 75.02%, tinyvgg 88.06%, mlp512 64.6%)
+    pub = c.create_experiment(PUBLISHED, artifact_location=(root / "published").as_uri())
+    for seed, acc in ((1, 0.82), (2, 0.83), (3, 0.84)):
+        run("linear/ce/published/abcd0001", seed, 2000 + seed, m(acc, 0.48, 0.01), experiment=pub,
+            params={"arch": "linear", "hparams.hidden": "10"})
+    for seed, acc in ((1, 0.80), (2, 0.81), (3, 0.805)):
+        run("mlp/ce/published/abcd0002", seed, 2100 + seed, m(acc, 0.55, 0.01), experiment=pub,
+            params={"arch": "mlp", "hparams.hidden": "10"})
+    run("tinyvgg/ce/published/abcd0003", 1, 2200, m(0.88, 0.33, 0.01), experiment=pub,
+        params={"arch": "tinyvgg", "hparams.hidden_units": "10"})
+    run("mlp512/ce/published/abcd0004", 1, 2300, m(0.70, 0.9, 0.01), experiment=pub,
+        params={"arch": "mlp", "hparams.hidden": "256"})  # not the published architecture
+    run("linear/ce/project/abcd0005", 1, 2400, m(0.85, 0.45, 0.01), experiment=pub,
+        params={"arch": "linear", "hparams.hidden": "10"})  # the project's recipe
     return {"uri": uri, "ids": ids}
 
 
@@ -176,6 +195,23 @@ def test_reliability_bins_pool_over_seeds(env, store):
                             "zzz_custom, cross-entropy (1 run)", "zzz_custom, focal loss"]  # no focal run: a gap
     assert panels["linear, cross-entropy (2 of 3 runs pooled)"] == pooled
     assert panels["tinyvgg, cross-entropy (1 run)"] is None and panels["zzz_custom, focal loss"] is None
+
+
+def test_published_figures_against_the_runs_of_their_recipe(env):
+    md, _ = compare.main(experiment=PUBLISHED, out=env, params=REPO / "params.yaml")
+    text = md.read_text()
+    table = section(text, "Published figures against the same recipe here")
+    assert [line.split("|")[1].strip() for line in table.splitlines()[4:] if line.startswith("| ")] == [
+        "linear", "mlp", "tinyvgg"]  # mlp512 (another width) and the project's recipe have no figure
+    _, source, figure, here, spread, verdict, loss, nll = row(table, "linear")
+    assert figure == "83.43%" and here == "3, 83.00% " + t_interval([0.82, 0.83, 0.84])
+    assert spread == "82.00 to 84.00%" and loss == "0.4766 (test)"
+    sd = sp.tstd([0.82, 0.83, 0.84])
+    lo, hi = sp.t.interval(0.95, 2, loc=0.83, scale=sd * (1 + 1 / 3) ** 0.5)
+    assert verdict == f"[{100 * lo:.2f}, {100 * hi:.2f}]: inside"
+    assert row(table, "mlp")[5].endswith(": below")  # 75.02% published, 80-81% here over three seeds
+    assert row(table, "tinyvgg")[5] == compare.SECOND_SEED
+    assert "Published figures" not in compare.main(out=env, params=REPO / "params.yaml")[0].read_text()
 
 
 def test_filters_by_experiment_and_tag(env):

@@ -38,6 +38,27 @@ def test_summary_is_the_t_interval_over_runs():
         stats.summary([])
 
 
+def test_prediction_interval_holds_one_more_run_95_percent_of_the_time():
+    values = [0.912, 0.917, 0.909]
+    mean, sd = sum(values) / 3, sp.tstd(values)
+    assert stats.prediction(values) == pytest.approx(sp.t.interval(0.95, 2, loc=mean, scale=sd * math.sqrt(1 + 1 / 3)))
+    s = stats.summary(values)
+    lo, hi = stats.prediction(values)
+    assert lo < s.lo and s.hi < hi  # wider than the interval of the mean
+    # coverage: three runs, then a fourth from the same normal distribution, many times over
+    import random
+
+    rng = random.Random(0)
+    trials, inside = 4000, 0
+    for _ in range(trials):
+        runs = [rng.gauss(0.9, 0.01) for _ in range(4)]
+        lo, hi = stats.prediction(runs[:3])
+        inside += lo <= runs[3] <= hi
+    assert abs(inside / trials - 0.95) < 0.015
+    with pytest.raises(ValueError):
+        stats.prediction([0.9])
+
+
 def test_accuracy_summary_over_seeds_or_over_the_test_images():
     over_seeds = stats.accuracy_summary([0.91, 0.92, 0.93], 10_000)
     assert over_seeds.kind == "t" and over_seeds == stats.summary([0.91, 0.92, 0.93])

@@ -3,6 +3,8 @@
 - ``wilson``: the 95% interval of one accuracy, k right out of n test images (one run, test-set noise).
 - ``summary``: n, mean, standard deviation and the 95% t interval of a figure over runs (seeds).
 - ``from_se``: the normal interval of one run's mean over its test images, from its standard error.
+- ``prediction``: where one more run of the same setting falls, 95% of the time (for a figure from
+  elsewhere, e.g. a published one, set against this project's runs).
 - ``mcnemar``: McNemar's exact test of two classifiers scored on the same test images.
 
 scipy (installed with MLflow) gives the t and binomial distributions.
@@ -57,6 +59,17 @@ def summary(values: Iterable[float], level: float = LEVEL) -> Summary:
     sd = math.sqrt(sum((x - mean) ** 2 for x in v) / (n - 1))
     half = _t(level, n - 1) * sd / math.sqrt(n)
     return Summary(n, mean, sd, mean - half, mean + half, "t")
+
+
+def prediction(values: Sequence[float], level: float = LEVEL) -> tuple[float, float]:
+    """The t prediction interval of one more run: mean +- t * sd * sqrt(1 + 1/n), over n >= 2 runs.
+    Wider than the interval of the mean, since the new run brings its own seed's spread."""
+    v = [float(x) for x in values]
+    s = summary(v, level)
+    if s.n < 2:
+        raise ValueError("prediction: at least two runs are needed")
+    half = _t(level, s.n - 1) * s.sd * math.sqrt(1 + 1 / s.n)
+    return s.mean - half, s.mean + half
 
 
 def accuracy_summary(accuracies: Sequence[float], n_test: int, level: float = LEVEL) -> Summary:

@@ -11,6 +11,9 @@ the latest FINISHED run with test metrics of each seed (``dvc exp run -S seed=7`
   temperature scaling.
 - Per model: focal minus cross-entropy, paired by seed (same ``fmnist.pair``), over the seeds both
   cells have, with its t interval; "no difference shown" where the interval holds 0.
+- Per model with a published figure, the runs of its published recipe (``-S recipe=published``): the
+  published accuracy against their interval, and against where one more run would fall (the t
+  prediction interval), since the published figure is itself one run.
 - ``--mcnemar A B``: McNemar's exact test on two models' predictions.csv (no MLflow needed).
 
 Files (default OUT: reports/, beside, not inside, the report stage's reports/figures/, which DVC
@@ -167,6 +170,30 @@ def differences(cells: list[Cell]) -> list[Difference]:
     return out
 
 
+def published_cells(cells: list[Cell]) -> list[tuple[Cell, Any]]:
+    """The cells trained on a source's published recipe, with the figure that source published for the
+    same architecture, hyperparameters and loss."""
+    from fmnist import published
+
+    out = []
+    for c in (c for c in cells if c.recipe == "published"):
+        params = c.runs[c.seeds()[0]]["params"]
+        hparams = {k.removeprefix("hparams."): v for k, v in params.items() if k.startswith("hparams.")}
+        f = published.FIGURES.get((params.get("arch", c.model), c.loss))
+        if f is not None and {k: str(v) for k, v in f.hparams.items()} == hparams:
+            out.append((c, f))
+    return out
+
+
+def published_verdict(figure: float, values: list[float]) -> str:
+    """Where a published accuracy stands against this project's runs of the same recipe."""
+    if len(values) < 2:
+        return SECOND_SEED
+    lo, hi = stats.prediction(values)
+    where = "inside" if lo <= figure <= hi else "above" if figure > hi else "below"
+    return f"[{100 * max(0.0, lo):.2f}, {100 * min(1.0, hi):.2f}]: {where}"
+
+
 # --------------------------------------------------------------------------- markdown
 
 def shown(s: stats.Summary | None, metric: str) -> str:
@@ -240,6 +267,22 @@ def markdown(cells: list[Cell], diffs: list[Difference], experiment: str, tags: 
     else:
         out.append("No model has both a cross-entropy and a focal-loss cell with the same settings: "
                    "`dvc exp run -S loss=focal` (and `-S seed=N` for more seeds) adds them.")
+    with_figures = published_cells(cells)
+    if with_figures:
+        out += ["", "## Published figures against the same recipe here", "",
+                "| model | source | published accuracy | here: n, mean (95% CI) | seeds' range | "
+                "one more run here (95%): the published figure is | published loss | test NLL here (95% CI) |",
+                "|---|---|--:|--:|--:|--:|--:|--:|"]
+        for c, f in with_figures:
+            acc, values = summaries(c)["test_accuracy"], c.values("test_accuracy")
+            spread = f"{100 * min(values):.2f} to {100 * max(values):.2f}%" if len(values) > 1 else "-"
+            out.append(f"| {c.model} | {f.source} | {100 * f.test_accuracy:.2f}% | {c.n}, "
+                       f"{shown(acc, 'test_accuracy')} | {spread} | {published_verdict(f.test_accuracy, values)} | "
+                       f"{f.loss:.4f} ({f.loss_kind}) | {shown(summaries(c)['test_nll'], 'test_nll')} |")
+        out += ["", "A published figure is one run of its source, with a seed of its own: it is set against the "
+                "t prediction interval of one more run here (mean +- t * sd * sqrt(1 + 1/n)), not against the "
+                "narrower interval of the mean. \"inside\": this recipe, trained here, gives that figure as one of its "
+                "runs. A published loss of the test set is a mean cross-entropy, the figure this project calls NLL."]
     out += ["", "## Runs", "", "| cell | tag `fmnist.cell` | seed | run id |", "|---|---|--:|---|"]
     out += [f"| {c.label} | `{c.key}` | {seed} | `{c.runs[seed]['run_id']}` |" for c in cells for seed in c.seeds()]
     return "\n".join(out) + "\n"
