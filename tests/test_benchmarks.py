@@ -88,3 +88,64 @@ def test_model_logging_times_the_additions_in_the_stage_or_switches_them_all_off
         assert run.info.status == "FINISHED" and "test_accuracy" not in run.data.metrics
         models = run.outputs.model_outputs if run.outputs else []
         assert (len(models), len(run.inputs.dataset_inputs)) == ((1, 2) if logged else (0, 0))
+
+
+def test_floor_counts_what_the_train_and_evaluate_stages_compute():
+    from benchmarks import floor
+
+    spec = specs()["linear"]
+    fwd = 2 * (784 * 10 + 10 * 10)
+    assert floor.forward_flops(spec) == fwd
+    from benchmarks import peak
+
+    fwd_bwd = peak.flops_per_image(spec)
+    assert floor.images(spec) == (54_000, 6_000)  # val_fraction 0.1 of the 60,000 training images
+    flops = floor.stage_flops(spec)
+    assert flops["train"] == spec.train.epochs * (54_000 * fwd_bwd + 6_000 * fwd) + 6_000 * fwd
+    assert flops["evaluate"] == (10_000 + 6_000) * fwd
+    fmnet = specs()["fmnet"]
+    assert fmnet.evaluate.tta_flip  # flip test-time augmentation: every evaluation image twice
+    assert floor.stage_flops(fmnet)["evaluate"] == pytest.approx(2 * 16_000 * floor.forward_flops(fmnet))
+    small = specs("train.subset=3000")["linear"]
+    assert floor.images(small) == (3_000, 6_000)
+
+
+def test_import_costs_are_summed_per_top_level_package():
+    from benchmarks import fixed
+
+    stderr = "\n".join([
+        "import time: self [us] | cumulative | imported package",
+        "import time:       100 |        100 | _io",
+        "import time:      2000 |       2000 |     torch._C",
+        "import time:       500 |    3000000 | torch",
+        "import time:       300 |     500000 |   mlflow.utils",
+        "import time:       200 |    1500000 | mlflow",
+        "import time:       100 |     250000 | mlflow.pytorch",
+        "INFO: something else the stage printed",
+    ])
+    total, ranked = fixed.import_costs(stderr)
+    assert total == pytest.approx(4.7501)  # first-level imports only: their cumulative time holds the rest
+    assert ranked == [("torch", 3.0), ("mlflow", pytest.approx(1.75)), ("_io", 0.0001)]
+
+
+def test_a_missed_goal_is_named_with_by_how_much(capsys):
+    missed = []
+    bench.checked({"comparison": "fixed cost: train", "goal": "<= 7 s", "met": False,
+                   "missed_by": {"seconds": 4.8}}, missed)
+    bench.checked({"comparison": "fixed cost: evaluate", "goal": "<= 5 s", "met": True}, missed)
+    bench.checked({"part": "floor", "floor_s": 300.0}, missed)
+    assert missed == ["fixed cost: train: goal <= 7 s, missed by 4.8 seconds"]
+    assert len(capsys.readouterr().out.splitlines()) == 3  # every line printed, met or not
+
+
+def test_step_profile_ranks_a_conv_nets_operators():
+    from benchmarks import step_profile
+    from fmnist.data.loader import Split, Stats
+
+    spec = specs("train.batch_size=32")["tinyvgg"]
+    train = Split(torch.randint(0, 256, (512, 28, 28), dtype=torch.uint8), torch.arange(512) % 10, torch.arange(512))
+    row = step_profile.profile_step(spec, train, Stats(0.3, 0.3), top=5)
+    assert row["model"] == "tinyvgg" and row["batch_size"] == 32 and row["step_ms"] > 0
+    shares = [op["share"] for op in row["operators"]]
+    assert len(shares) == 5 and shares == sorted(shares, reverse=True) and sum(shares) <= 1.0
+    assert any("conv" in op["op"] for op in row["operators"])
