@@ -149,3 +149,19 @@ def test_step_profile_ranks_a_conv_nets_operators():
     shares = [op["share"] for op in row["operators"]]
     assert len(shares) == 5 and shares == sorted(shares, reverse=True) and sum(shares) <= 1.0
     assert any("conv" in op["op"] for op in row["operators"])
+
+
+def test_levers_measure_each_variant_against_the_step_as_trained():
+    from benchmarks import levers
+    from fmnist.data.loader import Split, Stats
+
+    spec = specs("train.batch_size=16")["fashionnet"]
+    train = Split(torch.randint(0, 256, (256, 28, 28), dtype=torch.uint8), torch.arange(256) % 10, torch.arange(256))
+    model = levers._without_dropout(torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Sequential(torch.nn.Dropout2d(0.25))))
+    assert all(isinstance(m, torch.nn.Identity) for m in (model[0], model[1][0]))
+    threads = torch.get_num_threads()
+    row = levers.measure(spec, train, Stats(0.3, 0.3), ("as trained", "AdamW fused", "1 thread", "batch x2"))
+    assert row["ratio"]["as trained"] == 1.0 and set(row["images_per_s"]) == {"as trained", "AdamW fused", "1 thread",
+                                                                                "batch x2"}
+    assert all(v > 0 for v in row["images_per_s"].values())
+    assert torch.get_num_threads() == threads  # the settings a variant changes are put back

@@ -1,0 +1,138 @@
+"""Levers on a conv net's training step, each measured against the step as the core runs it, side by
+side in one process: the variants take turns, a few steps each, round after round, so that the noise
+of a shared machine falls on all of them alike; each variant's images/s is the median of its rounds.
+
+    python -m benchmarks.levers                 # every conv net, every lever (about 5 minutes on 2 cores)
+    python -m benchmarks.levers --only fmnet
+
+Variants (each changes one thing from ``as trained``):
+
+- ``flush denormals``: ``torch.set_flush_denormal(True)`` (tiny floats computed as 0)
+- ``AdamW foreach`` / ``AdamW fused``: the optimizer's multi-tensor and fused CPU kernels
+- ``fp32``: no bf16 autocast (where the model trains in bf16)
+- ``NCHW``: the default memory format instead of channels-last
+- ``batch x2``: twice the params.yaml batch size (images/s; what it does to accuracy is another question)
+- ``1 thread``: ``torch.set_num_threads(1)``
+- ``no dropout``: dropout layers removed, to see what they cost (not a change the seed models can take)
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from fmnist.core import device, engine, losses, models
+from fmnist.data.loader import BatchLoader, Split, Stats
+from fmnist.runspec import RunSpec
+
+CONV_NETS = ("tinyvgg", "fashionnet", "cnn_bn", "fmnet")
+VARIANTS = ("as trained", "flush denormals", "AdamW foreach", "AdamW fused", "fp32", "NCHW", "batch x2",
+            "1 thread", "no dropout")
+CHUNK, ROUNDS, WARMUP = 4, 5, 3
+
+
+@dataclass
+class Setup:
+    step: Callable[[torch.Tensor, torch.Tensor], None]
+    batches: list[tuple[torch.Tensor, torch.Tensor]]
+    flush_denormal: bool = False
+    threads: int | None = None
+
+
+def _without_dropout(model: nn.Module) -> nn.Module:
+    for name, child in model.named_children():
+        if isinstance(child, nn.modules.dropout._DropoutNd):
+            setattr(model, name, nn.Identity())
+        else:
+            _without_dropout(child)
+    return model
+
+
+def setup(spec: RunSpec, variant: str, train: Split, stats: Stats) -> Setup:
+    engine.seed_everything(0)
+    model = models.build(spec.arch, spec.hparams)
+    if variant == "no dropout":
+        model = _without_dropout(model)
+    bf16 = device.use_bf16(spec.train.precision, torch.device("cpu"), model) and variant != "fp32"
+    cl = models.uses_channels_last(model) and variant != "NCHW"
+    model = (model.to(memory_format=torch.channels_last) if cl else model).train()
+    tc = spec.train
+    if variant in ("AdamW foreach", "AdamW fused") and tc.optimizer == "adamw":
+        kind = {"foreach": True} if variant == "AdamW foreach" else {"fused": True}
+        opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, **kind)
+    else:
+        opt = engine.make_optimizer(model, tc)
+    loss_fn = losses.make_loss(spec.loss, spec.focal, tc.label_smoothing)
+    cpu = torch.device("cpu")
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        with device.autocast(cpu, bf16):
+            out = model(x)
+        loss = loss_fn(out, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    batch = tc.batch_size * (2 if variant == "batch x2" else 1)
+    loader = BatchLoader(train, batch, stats, shuffle=True, generator=torch.Generator(), channels_last=cl)
+    need = WARMUP + CHUNK * ROUNDS
+    batches = [(x, y) for x, y, _ in itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)), need)]
+    return Setup(step, batches, flush_denormal=variant == "flush denormals",
+                 threads=1 if variant == "1 thread" else None)
+
+
+def measure(spec: RunSpec, train: Split, stats: Stats, variants: tuple[str, ...] = VARIANTS) -> dict:
+    """images/s per variant (median over rounds) and its ratio to ``as trained``."""
+    threads = torch.get_num_threads()
+    setups = {v: setup(spec, v, train, stats) for v in variants}
+    for s in setups.values():
+        for x, y in s.batches[:WARMUP]:
+            s.step(x, y)
+    rates: dict[str, list[float]] = {v: [] for v in variants}
+    for r in range(ROUNDS):
+        for v, s in setups.items():
+            chunk = s.batches[WARMUP + r * CHUNK: WARMUP + (r + 1) * CHUNK]
+            torch.set_flush_denormal(s.flush_denormal)
+            torch.set_num_threads(s.threads or threads)
+            t = time.perf_counter()
+            for x, y in chunk:
+                s.step(x, y)
+            rates[v].append(sum(len(y) for _, y in chunk) / (time.perf_counter() - t))
+    torch.set_flush_denormal(False)
+    torch.set_num_threads(threads)
+    ips = {v: statistics.median(r) for v, r in rates.items()}
+    base = ips["as trained"]
+    return {"model": spec.model, "batch_size": spec.train.batch_size,
+            "images_per_s": {v: round(i) for v, i in ips.items()},
+            "ratio": {v: round(i / base, 2) for v, i in ips.items()}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.run import emit, ensure_raw, load_data, machine
+    from fmnist import runspec
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", default=",".join(CONV_NETS), help="comma-separated models")
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    specs = runspec.load(args.params)
+    chosen = args.only.split(",")
+    if unknown := set(chosen) - set(specs):
+        ap.error(f"--only: not in params.yaml's models: {', '.join(sorted(unknown))}")
+    train, _, stats = load_data(ensure_raw())
+    emit(machine())
+    for name in chosen:
+        emit(measure(specs[name], train, stats))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
