@@ -1,6 +1,7 @@
 """What a stage costs before and after its work: a train stage of a model that trains almost nothing
-and its evaluate stage, each a fresh process as `dvc repro` runs it, timed whole; and where the
-seconds of the train stage go among the packages it imports (``python -X importtime``).
+and its evaluate stage, each a fresh process as `dvc repro` runs it, timed whole; and where their
+seconds go: among the packages the train stage imports (``python -X importtime``), and among
+fmnist's own functions in each stage (cProfile).
 
 The train stage: ``fmnist train logistic --no-progress --set train.subset=6000 --set train.epochs=1``
 (one epoch of 6,000 images: well under a second of arithmetic), then ``fmnist evaluate logistic``, in
@@ -57,6 +58,23 @@ def import_costs(stderr: str, top: int = 8) -> tuple[float, list[tuple[str, floa
     return total / 1e6, [(name, us / 1e6) for name, us in ranked]
 
 
+def profiled(cmd: list[str], cwd: Path, env: dict[str, str], top: int = 10) -> list[tuple[str, float]]:
+    """The stage under cProfile: the functions of fmnist that take most of it (cumulative seconds,
+    callees included, so nested ones overlap; cProfile's own overhead makes them all a little longer)."""
+    import pstats
+
+    out = cwd / "stage.prof"
+    _timed([sys.executable, "-m", "cProfile", "-o", str(out), *cmd], cwd, env)
+    rows = []
+    for (file, line, name), (_, _, _, cumulative, _) in pstats.Stats(str(out)).stats.items():
+        path = Path(file)
+        if "fmnist" in path.parts and path.suffix == ".py" and name not in ("main", "<module>"):
+            module = ".".join(path.with_suffix("").parts[path.parts.index("fmnist"):])
+            rows.append((f"{module}.{name}", cumulative))
+    out.unlink(missing_ok=True)
+    return sorted(rows, key=lambda r: -r[1])[:top]
+
+
 def fixed_report(processed: Path, repeats: int = 3) -> list[dict]:
     from benchmarks.run import scratch_repo
 
@@ -85,6 +103,9 @@ def fixed_report(processed: Path, repeats: int = 3) -> list[dict]:
         rows.append({"part": "imports of the train stage (python -X importtime, one run)",
                      "stage_s": round(wall, 2), "imports_s": round(total, 2),
                      "by_package_s": {name: round(s, 2) for name, s in ranked}})
+        for stage, cmd in cmds.items():
+            rows.append({"part": f"the {stage} stage's own functions (cProfile, cumulative, one run)",
+                         "functions_s": {name: round(s, 2) for name, s in profiled(cmd, repo, env)}})
         return rows
     finally:
         shutil.rmtree(work, ignore_errors=True)
