@@ -287,3 +287,18 @@ def test_an_interval_is_not_shown_below_zero():
     s = stats.summary([0.001, 0.002, 0.030])  # an ECE over three seeds: the t interval reaches below 0
     assert s.lo < 0
     assert compare.shown(s, "test_ece").endswith(f"[0.00, {100 * s.hi:.2f}]")
+
+
+def test_two_seeds_that_agree_keep_the_test_sets_noise():
+    runs = {str(seed): {"metrics": {"test_accuracy": 0.9275, "test_nll": 0.21 + seed / 1000, "test_nll_se": 0.007}}
+            for seed in (1, 42)}
+    s = compare.summaries(compare.Cell("cnn_bn/ce/project/x", "cnn_bn/project/y", "cnn_bn", "ce", "project", runs))
+    wilson = sp.binomtest(9275, 10_000).proportion_ci(0.95, method="wilson")
+    assert s["test_accuracy"].n == 2 and s["test_accuracy"].sd == 0  # the seeds' own t interval has no width
+    assert (s["test_accuracy"].lo, s["test_accuracy"].hi) == (pytest.approx(wilson.low), pytest.approx(wilson.high))
+    z = sp.norm.ppf(0.975)
+    assert s["test_nll"].lo == pytest.approx(min(0.2515 - z * 0.007, s["test_nll"].lo))
+    assert s["test_nll"].hi - s["test_nll"].lo >= 2 * z * 0.007 - 1e-12
+    wide = compare.Cell("mlp/ce/project/x", "mlp/project/y", "mlp", "ce", "project",
+                        {str(i): {"metrics": {"test_accuracy": a}} for i, a in enumerate((0.58, 0.80, 0.85))})
+    assert compare.shown(compare.summaries(wide)["test_accuracy"], "test_accuracy").endswith(", 100.00]")

@@ -26,6 +26,7 @@ and a focal run, OUT/compare_curves.png (their training and validation loss curv
 from __future__ import annotations
 
 import csv
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,16 +135,29 @@ def _model_order(models: set[str], params: str | Path) -> list[str]:
 
 
 def summaries(cell: Cell) -> dict[str, stats.Summary | None]:
-    """Metric -> its summary over the cell's runs (None where no run has it)."""
-    out: dict[str, stats.Summary | None] = {
-        "test_accuracy": stats.accuracy_summary(cell.values("test_accuracy"), TEST_IMAGES)}
+    """Metric -> its summary over the cell's runs (None where no run has it). Over seeds, the
+    interval of the accuracy and of the NLL is never narrower than the test set's own noise (Wilson
+    on the test images; +- 1.96 standard errors), which every seed's run shares: two seeds that
+    happen to agree do not make a setting's accuracy exact."""
+    accuracy = cell.values("test_accuracy")
+    out: dict[str, stats.Summary | None] = {"test_accuracy": stats.accuracy_summary(accuracy, TEST_IMAGES)}
+    if len(accuracy) >= 2:
+        out["test_accuracy"] = _at_least(out["test_accuracy"], stats.accuracy_summary(
+            [out["test_accuracy"].mean], TEST_IMAGES))
     nll, se = cell.values("test_nll"), cell.values("test_nll_se")
     out["test_nll"] = (stats.from_se(nll[0], se[0]) if len(nll) == 1 and len(se) == 1
                        else stats.summary(nll) if nll else None)
+    if len(nll) >= 2 and len(se) == len(nll):
+        out["test_nll"] = _at_least(out["test_nll"], stats.from_se(sum(nll) / len(nll), sum(se) / len(se)))
     for metric in ("test_ece", "test_nll_ts", "test_ece_ts", "temperature"):
         values = cell.values(metric)
         out[metric] = stats.summary(values) if values else None
     return out
+
+
+def _at_least(over_seeds: stats.Summary, test_set: stats.Summary) -> stats.Summary:
+    """The interval over seeds, widened where the test set's interval reaches further."""
+    return dataclasses.replace(over_seeds, lo=min(over_seeds.lo, test_set.lo), hi=max(over_seeds.hi, test_set.hi))
 
 
 @dataclass
@@ -204,8 +218,14 @@ def shown(s: stats.Summary | None, metric: str) -> str:
     mean = f"{k * s.mean:.{d}f}{unit}"
     if s.kind == "none":
         return f"{mean} (one run)"
-    lo = max(0.0, s.lo)  # none of these figures is below 0; a t interval over few seeds can reach there
-    return f"{mean} [{k * lo:.{d}f}, {k * s.hi:.{d}f}]" + (ONE_RUN if s.n == 1 else "")
+    lo, hi = clipped(s, metric)
+    return f"{mean} [{k * lo:.{d}f}, {k * hi:.{d}f}]" + (ONE_RUN if s.n == 1 else "")
+
+
+def clipped(s: stats.Summary, metric: str) -> tuple[float, float]:
+    """The interval within the figure's range: none is below 0, and a share (accuracy, ECE) is at most
+    1, where a t interval over few seeds can reach beyond."""
+    return max(0.0, s.lo), (min(1.0, s.hi) if SHOWN[metric][3] == "%" else s.hi)
 
 
 def paired(s: stats.Summary | None, metric: str) -> str:
@@ -243,10 +263,11 @@ def markdown(cells: list[Cell], diffs: list[Difference], experiment: str, tags: 
     out += ["", "## Calibration", "", "| cell | n | " + " | ".join(f"{SHOWN[m][0]} (95% CI)" for m in calib) + " |",
             "|---|--:|" + "--:|" * len(calib)]
     out += [f"| {c.label} | {c.n} | " + " | ".join(shown(s[c.key][m], m) for m in calib) + " |" for c in cells]
-    out += ["", f"95% intervals. n >= 2: the t interval over the seeds, what another seed may give. {ONE_RUN}: one "
+    out += ["", f"95% intervals. n >= 2: the t interval over the seeds, what another seed may give (for accuracy and "
+            "NLL, never narrower than the test set's own noise, which all seeds share). {ONE_RUN}: one "
             f"run, whose interval holds the test set's noise alone (accuracy: Wilson on the {TEST_IMAGES:,} test "
             "images; NLL: +- 1.96 standard errors over them): narrower than the seeds' spread, so a second seed is "
-            "needed before two settings can be told apart; a lower end that would fall below 0 is shown as 0. "
+            "needed before two settings can be told apart; an end that would fall below 0 (or above 100%) is shown there. "
             "ECE: top-label, 15 equal-width bins. TS: temperature "
             "scaling, one T fitted on the validation split's NLL; it changes no prediction."]
 
@@ -298,9 +319,10 @@ def accuracy_panels(cells: list[Cell], diffs: list[Difference]) -> dict[str, dic
     panels: dict[str, dict[str, Any]] = {}
     for c in cells:
         acc = summaries(c)["test_accuracy"]
+        lo, hi = clipped(acc, "test_accuracy")
         name = c.label.split(", ", 1)[1]
         panels.setdefault(c.model, {"points": [], "note": ""})["points"].append(
-            {"label": f"{name}\nn = {c.n}", "mean": 100 * acc.mean, "lo": 100 * acc.lo, "hi": 100 * acc.hi,
+            {"label": f"{name}\nn = {c.n}", "mean": 100 * acc.mean, "lo": 100 * lo, "hi": 100 * hi,
              "color": colours.get(c.loss, plots.GREY), "filled": acc.n >= 2})
     for d in diffs:
         delta = d.deltas["test_accuracy"]
