@@ -320,7 +320,7 @@ def accuracy_panels(cells: list[Cell], diffs: list[Difference]) -> dict[str, dic
     for c in cells:
         acc = summaries(c)["test_accuracy"]
         lo, hi = clipped(acc, "test_accuracy")
-        name = c.label.split(", ", 1)[1]
+        name = LOSS_NAMES.get(c.loss, c.loss) + (f"\n{c.recipe} recipe" if "(" in c.label else "")  # short: panels are narrow
         panels.setdefault(c.model, {"points": [], "note": ""})["points"].append(
             {"label": f"{name}\nn = {c.n}", "mean": 100 * acc.mean, "lo": 100 * lo, "hi": 100 * hi,
              "color": colours.get(c.loss, plots.GREY), "filled": acc.n >= 2})
