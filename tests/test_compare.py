@@ -166,7 +166,7 @@ def test_cells_over_seeds_with_intervals(env, capsys):
 def test_focal_minus_cross_entropy_paired_by_seed(env):
     md, _ = compare.main(out=env, params=REPO / "params.yaml")
     paired = section(md.read_text(), "Focal loss minus cross-entropy, paired by seed")
-    _, seeds, accuracy, nll, ece = row(paired, "linear")
+    _, seeds, accuracy, nll, ece, nll_ts, ece_ts = row(paired, "linear")
     assert seeds == "1, 2, 3"
     d_acc = [0.805 - 0.80, 0.835 - 0.82, 0.845 - 0.84]  # +0.83 points, but the interval holds 0
     lo, hi = sp.t.interval(0.95, 2, loc=sum(d_acc) / 3, scale=sp.sem(d_acc))
@@ -174,7 +174,8 @@ def test_focal_minus_cross_entropy_paired_by_seed(env):
     assert accuracy == f"+0.83 pts [{100 * lo:+.2f}, {100 * hi:+.2f}]: {compare.NO_DIFFERENCE}"
     assert nll.startswith("+0.0267 [+0.01") and compare.NO_DIFFERENCE not in nll  # focal's NLL is higher, seed by seed
     assert ece.startswith("-1.50 pts [-2.7") and compare.NO_DIFFERENCE not in ece
-    _, seeds, accuracy, nll, ece = row(paired, "tinyvgg")
+    assert nll_ts.startswith("+0.0267 [") and ece_ts.startswith("-0.75 pts [")  # after temperature scaling too
+    _, seeds, accuracy, nll, ece, nll_ts, ece_ts = row(paired, "tinyvgg")
     assert seeds == "42 only: a second seed is needed for an interval" and accuracy == "+1.00 pts (no interval)"
     assert "zzz_custom" not in paired  # no focal cell
 

@@ -43,7 +43,8 @@ ONE_RUN = "†"  # marks an interval over the test images of one run, not over s
 SHOWN = {"test_accuracy": ("test accuracy", 100, 2, "%"), "test_nll": ("test NLL", 1, 4, ""),
          "test_ece": ("ECE", 100, 2, "%"), "test_nll_ts": ("NLL after TS", 1, 4, ""),
          "test_ece_ts": ("ECE after TS", 100, 2, "%"), "temperature": ("T", 1, 2, "")}
-PAIRED = {"test_accuracy": ("pts", 100, 2), "test_nll": ("", 1, 4), "test_ece": ("pts", 100, 2)}
+PAIRED = {"test_accuracy": ("pts", 100, 2), "test_nll": ("", 1, 4), "test_ece": ("pts", 100, 2),
+          "test_nll_ts": ("", 1, 4), "test_ece_ts": ("pts", 100, 2)}  # TS: after temperature scaling
 
 
 class CompareError(FmnistError):
@@ -264,7 +265,7 @@ def markdown(cells: list[Cell], diffs: list[Difference], experiment: str, tags: 
             "|---|--:|" + "--:|" * len(calib)]
     out += [f"| {c.label} | {c.n} | " + " | ".join(shown(s[c.key][m], m) for m in calib) + " |" for c in cells]
     out += ["", f"95% intervals. n >= 2: the t interval over the seeds, what another seed may give (for accuracy and "
-            "NLL, never narrower than the test set's own noise, which all seeds share). {ONE_RUN}: one "
+            f"NLL, never narrower than the test set's own noise, which all seeds share). {ONE_RUN}: one "
             f"run, whose interval holds the test set's noise alone (accuracy: Wilson on the {TEST_IMAGES:,} test "
             "images; NLL: +- 1.96 standard errors over them): narrower than the seeds' spread, so a second seed is "
             "needed before two settings can be told apart; an end that would fall below 0 (or above 100%) is shown there. "
