@@ -31,14 +31,19 @@ WARMUP = 5
 COMPILED = ("tinyvgg", "fashionnet", "cnn_bn", "fmnet")
 
 
-def peak_gflops(dtype: torch.dtype, n: int = MATMUL, repeat: int = 10) -> float:
+def peak_gflops(dtype: torch.dtype, n: int = MATMUL, repeat: int = 10, trials: int = 3) -> float:
+    """The best of ``trials`` timings of ``repeat`` products: a peak is what the machine can do, and
+    on a shared machine a single timing moves by a fifth from one minute to the next."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(3):
         a @ b
-    t0 = time.perf_counter()
-    for _ in range(repeat):
-        a @ b
-    return 2 * n ** 3 * repeat / (time.perf_counter() - t0) / 1e9
+    best = 0.0
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        for _ in range(repeat):
+            a @ b
+        best = max(best, 2 * n ** 3 * repeat / (time.perf_counter() - t0) / 1e9)
+    return best
 
 
 def _step_fn(spec: RunSpec, model: nn.Module, bf16: bool):

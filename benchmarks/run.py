@@ -201,7 +201,7 @@ def checked(line: dict, missed: list[str]) -> dict:
     """``line`` emitted; a goal it misses noted in ``missed``, by how much."""
     emit(line)
     if line.get("met") is False:
-        by = ", ".join(f"{v:g} {k.replace('_', ' ')}" for k, v in line.get("missed_by", {}).items())
+        by = ", ".join(f"{v:g} {k.replace('_', ' ')}" for k, v in line.get("missed_by", {}).items() if v > 0)
         missed.append(f"{line['comparison']}: goal {line['goal']}, missed by {by}")
     return line
 

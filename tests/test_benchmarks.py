@@ -134,8 +134,11 @@ def test_a_missed_goal_is_named_with_by_how_much(capsys):
                    "missed_by": {"seconds": 4.8}}, missed)
     bench.checked({"comparison": "fixed cost: evaluate", "goal": "<= 5 s", "met": True}, missed)
     bench.checked({"part": "floor", "floor_s": 300.0}, missed)
-    assert missed == ["fixed cost: train: goal <= 7 s, missed by 4.8 seconds"]
-    assert len(capsys.readouterr().out.splitlines()) == 3  # every line printed, met or not
+    bench.checked({"comparison": "fmnet", "goal": ">= 94% within 1x", "met": False,
+                   "missed_by": {"time_x": 0, "points": 1.03}}, missed)  # on time, short of accuracy
+    assert missed == ["fixed cost: train: goal <= 7 s, missed by 4.8 seconds",
+                      "fmnet: goal >= 94% within 1x, missed by 1.03 points"]
+    assert len(capsys.readouterr().out.splitlines()) == 4  # every line printed, met or not
 
 
 def test_step_profile_ranks_a_conv_nets_operators():
