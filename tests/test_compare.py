@@ -303,3 +303,19 @@ def test_two_seeds_that_agree_keep_the_test_sets_noise():
     wide = compare.Cell("mlp/ce/project/x", "mlp/project/y", "mlp", "ce", "project",
                         {str(i): {"metrics": {"test_accuracy": a}} for i, a in enumerate((0.58, 0.80, 0.85))})
     assert compare.shown(compare.summaries(wide)["test_accuracy"], "test_accuracy").endswith(", 100.00]")
+
+
+def test_one_model_against_another_paired_by_seed(env):
+    md, _ = compare.main(out=env, params=REPO / "params.yaml", versus_models=("linear", "tinyvgg"))
+    text = md.read_text()
+    table = section(text, "linear minus tinyvgg, paired by seed")
+    ce = row(table, "cross-entropy")
+    assert ce[1] == "project" and ce[2] == "none in common"  # tinyvgg has seed 42 only, linear 1 to 3
+    assert ce[3] == "-"
+    assert text.index("paired by seed\n\n| loss") < text.index("## Runs")  # before the runs table
+    pairs = compare.versus(compare.order(compare.group(tracking.finished_runs(EXPERIMENT))[0],
+                                         REPO / "params.yaml"), "linear", "linear")
+    ce_ce = [p for p in pairs if p[0].loss == p[1].loss == "ce"][0]
+    assert ce_ce[2] == ["1", "2", "3"] and ce_ce[3]["test_accuracy"].mean == 0  # a model against itself: 0
+    with pytest.raises(compare.CompareError, match="no runs of resnet"):
+        compare.main(out=env, params=REPO / "params.yaml", versus_models=("linear", "resnet"))

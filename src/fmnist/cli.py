@@ -93,7 +93,8 @@ def _compare(args: argparse.Namespace) -> None:
     if args.mcnemar:
         compare.mcnemar(*args.mcnemar)
     else:
-        compare.main(experiment=args.experiment, tags=args.tag or (), out=args.out, params=args.params)
+        compare.main(experiment=args.experiment, tags=args.tag or (), out=args.out, params=args.params,
+                     versus_models=args.versus)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tag", action="append", metavar="KEY=VALUE",
                    help="only runs with this tag (repeatable), e.g. --tag dvc_exp_name=my-exp")
     s.add_argument("--out", default="reports", help="folder for compare.md and the PNGs (default: reports)")
+    s.add_argument("--versus", nargs=2, metavar=("A", "B"),
+                   help="also: model A minus model B, paired by seed, for each loss and recipe both have")
     s.add_argument("--mcnemar", nargs=2, metavar=("A", "B"),
                    help="instead: McNemar's exact test of two models on the same test images (A, B: model names, "
                         "for reports/eval/MODEL/predictions.csv, or paths to predictions.csv files); no MLflow")

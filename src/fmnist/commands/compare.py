@@ -14,6 +14,7 @@ the latest FINISHED run with test metrics of each seed (``dvc exp run -S seed=7`
 - Per model with a published figure, the runs of its published recipe (``-S recipe=published``): the
   published accuracy against their interval, and against where one more run would fall (the t
   prediction interval), since the published figure is itself one run.
+- ``--versus A B``: model A minus model B, paired by seed, for each loss and recipe both have.
 - ``--mcnemar A B``: McNemar's exact test on two models' predictions.csv (no MLflow needed).
 
 Files (default OUT: reports/, beside, not inside, the report stage's reports/figures/, which DVC
@@ -183,6 +184,38 @@ def differences(cells: list[Cell]) -> list[Difference]:
                 deltas[metric] = stats.summary(d) if d else None
             out.append(Difference(ce, focal, seeds, deltas))
     return out
+
+
+def versus(cells: list[Cell], a: str, b: str) -> list[tuple[Cell, Cell, list[str], dict[str, stats.Summary | None]]]:
+    """Model ``a`` minus model ``b``, paired by seed, for every loss and recipe both were trained with:
+    (a's cell, b's cell, the seeds both have, metric -> the summary of the per-seed differences)."""
+    out = []
+    for ca in (c for c in cells if c.model == a):
+        for cb in (c for c in cells if c.model == b and (c.loss, c.recipe) == (ca.loss, ca.recipe)):
+            seeds = sorted(ca.runs.keys() & cb.runs.keys(), key=_seed_order)
+            deltas = {}
+            for metric in PAIRED:
+                d = [ca.runs[s]["metrics"][metric] - cb.runs[s]["metrics"][metric] for s in seeds
+                     if metric in ca.runs[s]["metrics"] and metric in cb.runs[s]["metrics"]]
+                deltas[metric] = stats.summary(d) if d else None
+            out.append((ca, cb, seeds, deltas))
+    return out
+
+
+def versus_markdown(cells: list[Cell], a: str, b: str) -> list[str]:
+    pairs = versus(cells, a, b)
+    out = ["", f"## {a} minus {b}, paired by seed", ""]
+    if not pairs:
+        return out + [f"No loss and recipe with runs of both {a} and {b}."]
+    out += ["| loss | recipe | seeds | " + " | ".join(f"Δ {SHOWN[m][0]} (95% CI)" for m in PAIRED) + " |",
+            "|---|---|---|" + "--:|" * len(PAIRED)]
+    for ca, _, seeds, deltas in pairs:
+        shown_seeds = (", ".join(seeds) if len(seeds) > 1 else f"{seeds[0]} only: {SECOND_SEED}" if seeds
+                       else "none in common")
+        out.append(f"| {LOSS_NAMES.get(ca.loss, ca.loss)} | {ca.recipe} | {shown_seeds} | "
+                   + " | ".join(paired(deltas[m], m) if seeds else "-" for m in PAIRED) + " |")
+    return out + ["", f"Each seed's {a} run minus its {b} run (same loss and recipe, same test images), with the "
+                      f"95% t interval of the mean difference; above 0: {a} gives the higher figure."]
 
 
 def published_cells(cells: list[Cell]) -> list[tuple[Cell, Any]]:
@@ -455,7 +488,7 @@ def mcnemar(a: str, b: str) -> stats.McNemar:
 # --------------------------------------------------------------------------- main
 
 def main(experiment: str | None = None, tags: list[str] | tuple[str, ...] = (), out: str | Path = "reports",
-         params: str | Path = "params.yaml") -> tuple[Path, Path]:
+         params: str | Path = "params.yaml", versus_models: tuple[str, str] | None = None) -> tuple[Path, Path]:
     from fmnist import plots, tracking
     from fmnist.files import save_figure, write_text
 
@@ -470,6 +503,13 @@ def main(experiment: str | None = None, tags: list[str] | tuple[str, ...] = (), 
     cells = order(cells, params)
     diffs = differences(cells)
     text = markdown(cells, diffs, name, tag_filter, untagged)
+    if versus_models:
+        a, b = versus_models
+        if missing := [m for m in (a, b) if not any(c.model == m for c in cells)]:
+            raise CompareError(f"--versus: no runs of {', '.join(missing)} among these; models with runs: "
+                               + ", ".join(sorted({c.model for c in cells})))
+        runs_at = text.index("\n## Runs")
+        text = text[:runs_at] + "\n".join(versus_markdown(cells, a, b)) + "\n" + text[runs_at:]
     out = Path(out)
     md, png, rel = out / "compare.md", out / "compare.png", out / "compare_reliability.png"
     write_text(md, text)
