@@ -19,7 +19,6 @@ Variants (each changes one thing from ``as trained``):
 from __future__ import annotations
 
 import argparse
-import itertools
 import statistics
 import sys
 import time
@@ -29,8 +28,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from fmnist.core import device, engine, losses, models
-from fmnist.data.loader import BatchLoader, Split, Stats
+from fmnist.core import models
+from fmnist.data.loader import Split, Stats
 from fmnist.runspec import RunSpec
 
 CONV_NETS = ("tinyvgg", "fashionnet", "cnn_bn", "fmnet")
@@ -57,35 +56,20 @@ def _without_dropout(model: nn.Module) -> nn.Module:
 
 
 def setup(spec: RunSpec, variant: str, train: Split, stats: Stats) -> Setup:
-    engine.seed_everything(0)
-    model = models.build(spec.arch, spec.hparams)
-    if variant == "no dropout":
-        model = _without_dropout(model)
-    bf16 = device.use_bf16(spec.train.precision, torch.device("cpu"), model) and variant != "fp32"
-    cl = models.uses_channels_last(model) and variant != "NCHW"
-    model = (model.to(memory_format=torch.channels_last) if cl else model).train()
+    from benchmarks.peak import prepare
+
     tc = spec.train
-    if variant in ("AdamW foreach", "AdamW fused") and tc.optimizer == "adamw":
-        kind = {"foreach": True} if variant == "AdamW foreach" else {"fused": True}
-        opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, **kind)
-    else:
-        opt = engine.make_optimizer(model, tc)
-    loss_fn = losses.make_loss(spec.loss, spec.focal, tc.label_smoothing)
-    cpu = torch.device("cpu")
+    kind = {"AdamW foreach": {"foreach": True}, "AdamW fused": {"fused": True}}.get(variant)
 
-    def step(x: torch.Tensor, y: torch.Tensor) -> None:
-        with device.autocast(cpu, bf16):
-            out = model(x)
-        loss = loss_fn(out, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    def adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, **kind)
 
-    batch = tc.batch_size * (2 if variant == "batch x2" else 1)
-    loader = BatchLoader(train, batch, stats, shuffle=True, generator=torch.Generator(), channels_last=cl)
-    need = WARMUP + CHUNK * ROUNDS
-    batches = [(x, y) for x, y, _ in itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)), need)]
-    return Setup(step, batches, flush_denormal=variant == "flush denormals",
+    optimizer = adamw if kind and tc.optimizer == "adamw" else None
+    model = _without_dropout(models.build(spec.arch, spec.hparams)) if variant == "no dropout" else None
+    p = prepare(spec, train, stats, WARMUP + CHUNK * ROUNDS, model=model, fp32=variant == "fp32",
+                nchw=variant == "NCHW", batch_size=tc.batch_size * 2 if variant == "batch x2" else None,
+                optimizer=optimizer)
+    return Setup(p.step, p.batches, flush_denormal=variant == "flush denormals",
                  threads=1 if variant == "1 thread" else None)
 
 

@@ -17,6 +17,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -46,9 +48,11 @@ def peak_gflops(dtype: torch.dtype, n: int = MATMUL, repeat: int = 10, trials: i
     return best
 
 
-def _step_fn(spec: RunSpec, model: nn.Module, bf16: bool):
+def _step_fn(spec: RunSpec, model: nn.Module, bf16: bool, opt: torch.optim.Optimizer | None = None):
+    """The core's training step (forward in the model's precision, the loss, backward, the optimizer's
+    step), with the params' optimizer unless ``opt`` is given."""
     loss_fn = losses.make_loss(spec.loss, spec.focal, spec.train.label_smoothing)
-    opt = engine.make_optimizer(model, spec.train)
+    opt = opt or engine.make_optimizer(model, spec.train)
     dev = torch.device("cpu")
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
@@ -59,6 +63,31 @@ def _step_fn(spec: RunSpec, model: nn.Module, bf16: bool):
         loss.backward()
         opt.step()
     return step
+
+
+@dataclass
+class Prepared:
+    step: Callable[[torch.Tensor, torch.Tensor], None]
+    batches: list[tuple[torch.Tensor, torch.Tensor]]
+    bf16: bool
+    channels_last: bool
+
+
+def prepare(spec: RunSpec, train: Split, stats: Stats, n_batches: int, *, model: nn.Module | None = None,
+            fp32: bool = False, nchw: bool = False, batch_size: int | None = None,
+            optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None = None) -> Prepared:
+    """A model's training step as the core runs it, on ``n_batches`` real training batches (as many
+    epochs as that takes); the keywords change one thing each, for benchmarks.levers."""
+    engine.seed_everything(0)
+    model = model if model is not None else models.build(spec.arch, spec.hparams)
+    bf16 = device.use_bf16(spec.train.precision, torch.device("cpu"), model) and not fp32
+    cl = models.uses_channels_last(model) and not nchw
+    model = (model.to(memory_format=torch.channels_last) if cl else model).train()
+    step = _step_fn(spec, model, bf16, optimizer(model) if optimizer else None)
+    loader = BatchLoader(train, batch_size or spec.train.batch_size, stats, shuffle=True,
+                         generator=torch.Generator(), channels_last=cl)
+    epochs = itertools.chain.from_iterable(itertools.repeat(loader))
+    return Prepared(step, [(x, y) for x, y, _ in itertools.islice(epochs, n_batches)], bf16, cl)
 
 
 def flops_per_image(spec: RunSpec, batch: int = 64) -> float:
@@ -74,23 +103,13 @@ def flops_per_image(spec: RunSpec, batch: int = 64) -> float:
 
 def training_throughput(spec: RunSpec, train: Split, stats: Stats) -> tuple[float, bool]:
     """Images per second of the core's training step on this model's batch size, and whether in bf16."""
-    engine.seed_everything(0)
-    model = models.build(spec.arch, spec.hparams)
-    bf16 = device.use_bf16(spec.train.precision, torch.device("cpu"), model)
-    cl = models.uses_channels_last(model)
-    model = model.to(memory_format=torch.channels_last) if cl else model
-    model.train()
-    step = _step_fn(spec, model, bf16)
-    loader = BatchLoader(train, spec.train.batch_size, stats, shuffle=True, generator=torch.Generator(),
-                         channels_last=cl)
-    epochs = itertools.chain.from_iterable(itertools.repeat(loader))  # as many epochs as it takes
-    batches = [(x, y) for x, y, _ in itertools.islice(epochs, WARMUP + STEPS)]
-    for x, y in batches[:WARMUP]:
-        step(x, y)
+    p = prepare(spec, train, stats, WARMUP + STEPS)
+    for x, y in p.batches[:WARMUP]:
+        p.step(x, y)
     t0 = time.perf_counter()
-    for x, y in batches[WARMUP:]:
-        step(x, y)
-    return sum(len(y) for _, y in batches[WARMUP:]) / (time.perf_counter() - t0), bf16
+    for x, y in p.batches[WARMUP:]:
+        p.step(x, y)
+    return sum(len(y) for _, y in p.batches[WARMUP:]) / (time.perf_counter() - t0), p.bf16
 
 
 def peak_report(specs: dict[str, RunSpec], train: Split, stats: Stats) -> list[dict]:

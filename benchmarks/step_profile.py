@@ -8,12 +8,7 @@ share of the profiled steps' total, largest first.
 
 from __future__ import annotations
 
-import itertools
-
-import torch
-
-from fmnist.core import device, engine, models
-from fmnist.data.loader import BatchLoader, Split, Stats
+from fmnist.data.loader import Split, Stats
 from fmnist.runspec import RunSpec
 
 CONV_NETS = ("tinyvgg", "fashionnet", "cnn_bn", "fmnet")
@@ -23,28 +18,19 @@ WARMUP, STEPS = 5, 10
 def profile_step(spec: RunSpec, train: Split, stats: Stats, top: int = 8) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
-    from benchmarks.peak import _step_fn
+    from benchmarks.peak import prepare
 
-    engine.seed_everything(0)
-    model = models.build(spec.arch, spec.hparams)
-    bf16 = device.use_bf16(spec.train.precision, torch.device("cpu"), model)
-    cl = models.uses_channels_last(model)
-    model = (model.to(memory_format=torch.channels_last) if cl else model).train()
-    step = _step_fn(spec, model, bf16)
-    loader = BatchLoader(train, spec.train.batch_size, stats, shuffle=True, generator=torch.Generator(),
-                         channels_last=cl)
-    batches = [(x, y) for x, y, _ in itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)),
-                                                       WARMUP + STEPS)]
-    for x, y in batches[:WARMUP]:
-        step(x, y)
+    p = prepare(spec, train, stats, WARMUP + STEPS)
+    for x, y in p.batches[:WARMUP]:
+        p.step(x, y)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for x, y in batches[WARMUP:]:
-            step(x, y)
+        for x, y in p.batches[WARMUP:]:
+            p.step(x, y)
     events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
     total = sum(e.self_cpu_time_total for e in events)  # microseconds
     ranked = sorted(events, key=lambda e: -e.self_cpu_time_total)
-    return {"model": spec.model, "batch_size": spec.train.batch_size, "precision": "bf16" if bf16 else "fp32",
-            "channels_last": cl, "step_ms": round(total / STEPS / 1e3, 1),
+    return {"model": spec.model, "batch_size": spec.train.batch_size, "precision": "bf16" if p.bf16 else "fp32",
+            "channels_last": p.channels_last, "step_ms": round(total / STEPS / 1e3, 1),
             "operators": [{"op": e.key, "share": round(e.self_cpu_time_total / total, 3),
                            "ms_per_step": round(e.self_cpu_time_total / STEPS / 1e3, 2)} for e in ranked[:top]]}
 

@@ -176,14 +176,20 @@ def differences(cells: list[Cell]) -> list[Difference]:
     out = []
     for ce in (c for c in cells if c.loss == "ce"):
         for focal in (c for c in cells if c.loss == "focal" and c.pair == ce.pair):
-            seeds = sorted(ce.runs.keys() & focal.runs.keys(), key=_seed_order)
-            deltas = {}
-            for metric in PAIRED:
-                d = [focal.runs[s]["metrics"][metric] - ce.runs[s]["metrics"][metric] for s in seeds
-                     if metric in focal.runs[s]["metrics"] and metric in ce.runs[s]["metrics"]]
-                deltas[metric] = stats.summary(d) if d else None
+            seeds, deltas = paired_by_seed(focal, ce)
             out.append(Difference(ce, focal, seeds, deltas))
     return out
+
+
+def paired_by_seed(a: Cell, b: Cell) -> tuple[list[str], dict[str, stats.Summary | None]]:
+    """The seeds both cells have, and per metric of PAIRED the summary of a's run minus b's, seed by seed."""
+    seeds = sorted(a.runs.keys() & b.runs.keys(), key=_seed_order)
+    deltas = {}
+    for metric in PAIRED:
+        d = [a.runs[s]["metrics"][metric] - b.runs[s]["metrics"][metric] for s in seeds
+             if metric in a.runs[s]["metrics"] and metric in b.runs[s]["metrics"]]
+        deltas[metric] = stats.summary(d) if d else None
+    return seeds, deltas
 
 
 def versus(cells: list[Cell], a: str, b: str) -> list[tuple[Cell, Cell, list[str], dict[str, stats.Summary | None]]]:
@@ -192,13 +198,7 @@ def versus(cells: list[Cell], a: str, b: str) -> list[tuple[Cell, Cell, list[str
     out = []
     for ca in (c for c in cells if c.model == a):
         for cb in (c for c in cells if c.model == b and (c.loss, c.recipe) == (ca.loss, ca.recipe)):
-            seeds = sorted(ca.runs.keys() & cb.runs.keys(), key=_seed_order)
-            deltas = {}
-            for metric in PAIRED:
-                d = [ca.runs[s]["metrics"][metric] - cb.runs[s]["metrics"][metric] for s in seeds
-                     if metric in ca.runs[s]["metrics"] and metric in cb.runs[s]["metrics"]]
-                deltas[metric] = stats.summary(d) if d else None
-            out.append((ca, cb, seeds, deltas))
+            out.append((ca, cb, *paired_by_seed(ca, cb)))
     return out
 
 
@@ -210,10 +210,7 @@ def versus_markdown(cells: list[Cell], a: str, b: str) -> list[str]:
     out += ["| loss | recipe | seeds | " + " | ".join(f"Δ {SHOWN[m][0]} (95% CI)" for m in PAIRED) + " |",
             "|---|---|---|" + "--:|" * len(PAIRED)]
     for ca, _, seeds, deltas in pairs:
-        shown_seeds = (", ".join(seeds) if len(seeds) > 1 else f"{seeds[0]} only: {SECOND_SEED}" if seeds
-                       else "none in common")
-        out.append(f"| {LOSS_NAMES.get(ca.loss, ca.loss)} | {ca.recipe} | {shown_seeds} | "
-                   + " | ".join(paired(deltas[m], m) if seeds else "-" for m in PAIRED) + " |")
+        out.append(f"| {LOSS_NAMES.get(ca.loss, ca.loss)} | {ca.recipe} | {paired_row(seeds, deltas)} |")
     return out + ["", f"Each seed's {a} run minus its {b} run (same loss and recipe, same test images), with the "
                       f"95% t interval of the mean difference; above 0: {a} gives the higher figure."]
 
@@ -260,6 +257,13 @@ def clipped(s: stats.Summary, metric: str) -> tuple[float, float]:
     """The interval within the figure's range: none is below 0, and a share (accuracy, ECE) is at most
     1, where a t interval over few seeds can reach beyond."""
     return max(0.0, s.lo), (min(1.0, s.hi) if SHOWN[metric][3] == "%" else s.hi)
+
+
+def paired_row(seeds: list[str], deltas: dict[str, stats.Summary | None]) -> str:
+    """A paired table's cells: the seeds both sides have, then each metric's difference."""
+    shown_seeds = (", ".join(seeds) if len(seeds) > 1 else f"{seeds[0]} only: {SECOND_SEED}" if seeds
+                   else "none in common")
+    return " | ".join([shown_seeds, *(paired(deltas[m], m) if seeds else "-" for m in PAIRED)])
 
 
 def paired(s: stats.Summary | None, metric: str) -> str:
@@ -311,10 +315,7 @@ def markdown(cells: list[Cell], diffs: list[Difference], experiment: str, tags: 
                 "|---|---|" + "--:|" * len(PAIRED)]
         for d in diffs:
             name = d.ce.model if d.focal.label == f"{d.ce.model}, focal loss" else f"{d.focal.label} against ce"
-            seeds = (", ".join(d.seeds) if len(d.seeds) > 1 else f"{d.seeds[0]} only: {SECOND_SEED}" if d.seeds
-                     else "none in common")
-            deltas = [paired(d.deltas[m], m) if d.seeds else "-" for m in PAIRED]
-            out.append(f"| {name} | {seeds} | " + " | ".join(deltas) + " |")
+            out.append(f"| {name} | {paired_row(d.seeds, d.deltas)} |")
         out += ["", "Each seed's focal run minus its cross-entropy run (same model and settings), averaged over the "
                 f"seeds both have, with the 95% t interval of that mean; \"{NO_DIFFERENCE}\": the interval holds 0. "
                 "Above 0: focal loss gives the higher figure (better for accuracy, worse for NLL and ECE). "
@@ -329,11 +330,11 @@ def markdown(cells: list[Cell], diffs: list[Difference], experiment: str, tags: 
                 "one more run here (95%): the published figure is | published loss | test NLL here (95% CI) |",
                 "|---|---|--:|--:|--:|--:|--:|--:|"]
         for c, f in with_figures:
-            acc, values = summaries(c)["test_accuracy"], c.values("test_accuracy")
+            acc, values = s[c.key]["test_accuracy"], c.values("test_accuracy")
             spread = f"{100 * min(values):.2f} to {100 * max(values):.2f}%" if len(values) > 1 else "-"
             out.append(f"| {c.model} | {f.source} | {100 * f.test_accuracy:.2f}% | {c.n}, "
                        f"{shown(acc, 'test_accuracy')} | {spread} | {published_verdict(f.test_accuracy, values)} | "
-                       f"{f.loss:.4f} ({f.loss_kind}) | {shown(summaries(c)['test_nll'], 'test_nll')} |")
+                       f"{f.loss:.4f} ({f.loss_kind}) | {shown(s[c.key]['test_nll'], 'test_nll')} |")
         out += ["", "A published figure is one run of its source, with a seed of its own: it is set against the "
                 "t prediction interval of one more run here (mean +- t * sd * sqrt(1 + 1/n)), not against the "
                 "narrower interval of the mean. \"inside\": this recipe, trained here, gives that figure as one of its "
