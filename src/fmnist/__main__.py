@@ -1,5 +1,5 @@
 import sys
 
-from fmnist.cli import main
+from fmnist.cli import console
 
-sys.exit(main())
+sys.exit(console())
