@@ -7,6 +7,10 @@ The train stage: ``fmnist train logistic --no-progress --set train.subset=6000 -
 (one epoch of 6,000 images: well under a second of arithmetic), then ``fmnist evaluate logistic``, in
 a scratch folder with params.yaml, dvc.yaml, the processed splits and an MLflow store of its own (made
 by a first, untimed pair, as a pipeline's first stage makes it). Median of ``repeats`` runs of each.
+
+Beside each, taking turns with it, the same stage with CPython's cyclic garbage collector at its
+defaults (``fmnist.cli.main`` called without the console script's ``console``), so the share of the
+collector's settings is measured in the same run.
 """
 
 from __future__ import annotations
@@ -27,8 +31,11 @@ GOALS = {"train": 7.0, "evaluate": 5.0}  # seconds, whole stage, at most
 FMNIST = str(Path(sys.executable).with_name("fmnist"))  # the console script `dvc repro` runs
 
 
-def commands(model: str = MODEL) -> dict[str, list[str]]:
-    return {"train": [FMNIST, "train", model, "--no-progress", *SHORT], "evaluate": [FMNIST, "evaluate", model]}
+DEFAULT_GC = (sys.executable, "-c", "import sys; from fmnist.cli import main; sys.exit(main())")
+
+
+def commands(model: str = MODEL, script: tuple[str, ...] = (FMNIST,)) -> dict[str, list[str]]:
+    return {"train": [*script, "train", model, "--no-progress", *SHORT], "evaluate": [*script, "evaluate", model]}
 
 
 def _timed(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, str]:
@@ -82,13 +89,15 @@ def fixed_report(processed: Path, repeats: int = 3) -> list[dict]:
     try:
         repo = scratch_repo(work / "repo", processed)
         env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "FMNIST_RESUME")}
-        cmds = commands()
+        cmds, default_gc = commands(), commands(script=DEFAULT_GC)
         for cmd in cmds.values():  # the store, the experiment and the registered model's first costs
             _timed(cmd, repo, env)
         times: dict[str, list[float]] = {stage: [] for stage in cmds}
+        times_default_gc: dict[str, list[float]] = {stage: [] for stage in cmds}
         for _ in range(repeats):
             for stage, cmd in cmds.items():
                 times[stage].append(_timed(cmd, repo, env)[0])
+                times_default_gc[stage].append(_timed(default_gc[stage], repo, env)[0])
         rows = []
         for stage, seconds in times.items():
             median = statistics.median(seconds)
@@ -98,6 +107,12 @@ def fixed_report(processed: Path, repeats: int = 3) -> list[dict]:
                          "seconds_median": round(median, 2), "seconds": [round(s, 2) for s in seconds],
                          "goal": f"<= {GOALS[stage]:g} s", "met": met,
                          **({} if met else {"missed_by": {"seconds": round(median - GOALS[stage], 2)}})})
+            default = statistics.median(times_default_gc[stage])
+            rows.append({"part": f"the {stage} stage with the garbage collector at CPython's defaults, taking turns",
+                         "seconds_median": round(default, 2),
+                         "seconds": [round(s, 2) for s in times_default_gc[stage]],
+                         "console_script_saves_s": round(default - median, 2),
+                         "ratio_default_over_console": round(default / median, 2)})
         wall, stderr = _timed([sys.executable, "-X", "importtime", *cmds["train"]], repo, env)
         total, ranked = import_costs(stderr)
         rows.append({"part": "imports of the train stage (python -X importtime, one run)",

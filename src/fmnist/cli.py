@@ -193,8 +193,12 @@ GC_THRESHOLDS = (50_000, 20, 100)
 def console() -> int:
     """The ``fmnist`` command as a process of its own (the console script, ``python -m fmnist``):
     ``main`` with the collector set for a short-lived process, and what is left at the end frozen out
-    of the collections of the interpreter's exit. ``main`` itself, called in a process that goes on
-    (the tests), leaves the collector as it found it."""
+    of the collections of the interpreter's exit, under tcmalloc where the machine has it
+    (fmnist.allocator). ``main`` itself, called in a process that goes on (the tests), changes none
+    of these."""
+    from fmnist import allocator
+
+    allocator.use_tcmalloc()  # first: it starts the process again
     gc.set_threshold(*GC_THRESHOLDS)
     try:
         return main()
