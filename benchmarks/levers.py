@@ -18,6 +18,11 @@ Variants (each changes one thing from ``as trained``):
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # as every fmnist command runs: under tcmalloc where the machine has it
+    from fmnist import allocator
+
+    allocator.use_tcmalloc()
+
 import argparse
 import statistics
 import sys

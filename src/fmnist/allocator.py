@@ -1,11 +1,10 @@
 """The memory allocator a process of this project runs with: tcmalloc, where the machine has it.
 
 A training step on the CPU allocates and frees a tensor for every activation, gradient and optimizer
-temporary. glibc's malloc hands the large ones back to the system and maps them again at the next
-step (page faults, pages zeroed); tcmalloc keeps them for reuse. Measured here, the conv nets' training
-steps ran 1.11x to 1.26x as fast with it and the weights came out bit for bit the same
-(`python -m benchmarks.run --only allocator`, docs/benchmarks.md). This is what PyTorch's own CPU
-launcher (`python -m torch.backends.xeon.run_cpu --enable-tcmalloc`) does.
+temporary; tcmalloc keeps freed blocks for reuse in caches of its own. Measured here, the conv nets'
+training steps ran 1.04x (tinyvgg) to 1.62x (fashionnet) as fast with it, and the weights came out
+bit for bit the same (`python -m benchmarks.run --only allocator`, docs/benchmarks.md). PyTorch's own
+CPU launcher does the same (`python -m torch.backends.xeon.run_cpu --enable-tcmalloc`).
 
 A process chooses its allocator before it starts, so ``use_tcmalloc`` starts it again, once, at its
 first line, with ``LD_PRELOAD`` naming the library, and the same command line. On Linux only, and
