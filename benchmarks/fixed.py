@@ -8,9 +8,9 @@ The train stage: ``fmnist train logistic --no-progress --set train.subset=6000 -
 a scratch folder with params.yaml, dvc.yaml, the processed splits and an MLflow store of its own (made
 by a first, untimed pair, as a pipeline's first stage makes it). Median of ``repeats`` runs of each.
 
-Beside each, taking turns with it, the same stage with CPython's cyclic garbage collector at its
-defaults (``fmnist.cli.main`` called without the console script's ``console``), so the share of the
-collector's settings is measured in the same run.
+Beside each, taking turns with it, the same stage (under the same allocator) with CPython's cyclic
+garbage collector at its defaults (``fmnist.cli.main`` called without the console script's
+``console``), so the share of the collector's settings is measured in the same run.
 """
 
 from __future__ import annotations
