@@ -38,7 +38,7 @@ def use_tcmalloc() -> None:
     """Start this process again under tcmalloc, unless ``LD_PRELOAD`` is set already (so this happens
     at most once: a library the loader cannot preload is skipped by it, and the variable stays), it is
     not wanted, or the machine lacks it. Call it first, before anything is imported or written."""
-    if os.environ.get("LD_PRELOAD") or not wanted():
+    if not wanted() or os.environ.get("LD_PRELOAD"):  # a bad FMNIST_MALLOC is an error either way
         return
     library = ctypes.util.find_library(LIBRARY)
     if library is None:
