@@ -14,7 +14,7 @@ def test_best_configurations_are_a_short_schedule_and_a_long_one():
     (b1, a1, short), (b10, a10, long) = bench.best_configs("params.yaml")
     assert (b1, a1, b10, a10) == (1.0, 0.94, 10.0, 0.95)
     assert long == specs("models.fmnet.train.epochs=24")["fmnet"]  # all else as params.yaml has it
-    assert short.hparams == {"widths": [16, 32, 64], "stem": 0}
+    assert short.hparams == {"widths": [16, 48, 96], "stem": 0, "whiten": True}
     assert (short.train.epochs, short.train.lr, short.train.augment.shift) == (6, 0.008, 0)
     assert short.evaluate.tta_flip and short.train.augment.flip  # the rest as params.yaml has it
 

@@ -50,6 +50,16 @@ def without_time(history: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if k != "elapsed_s"} for row in history]
 
 
+def test_fit_sets_the_whitening_from_the_first_training_images_and_never_trains_it():
+    hparams = {"widths": [8, 8, 8], "whiten": True}
+    model, _ = fit(arch="fmnet", hparams=hparams, epochs=1, optimizer="adamw", lr=1e-2)
+    want = models.build("fmnet", hparams)
+    images = next(iter(BatchLoader(TRAIN, engine.INIT_IMAGES, STATS)))[0]  # all 100: fewer than INIT_IMAGES
+    models.data_initialised(want)[0].init_from(images)
+    got = models.data_initialised(model)[0].weight
+    assert torch.equal(got, models.data_initialised(want)[0].weight)  # set from the data, then left alone
+
+
 # --------------------------------------------------------------------------- optimizers and schedules
 
 @pytest.mark.parametrize("optimizer, kw, cls", [

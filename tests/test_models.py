@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from fmnist import ConfigError, checkpoint
 from fmnist.core import models
@@ -127,6 +128,34 @@ def test_fmnet_stem_is_optional(stem):
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
 
 
+def test_fmnet_whiten_makes_the_first_conv_a_frozen_whitening_of_the_patches():
+    model = models.build("fmnet", {"widths": [8, 8, 8], "whiten": True})
+    conv = layers(model, nn.Conv2d)[0]
+    assert isinstance(conv, models.Whitening) and not conv.weight.requires_grad
+    assert models.data_initialised(model) == [conv]
+    torch.manual_seed(0)  # images whose neighbouring pixels are correlated, as in real ones
+    images = F.avg_pool2d(torch.randn(64, 1, 30, 30), 3, stride=1)
+    conv.init_from(images)
+    out = conv(images)
+    assert torch.allclose(out[:, :4], -out[:, 4:])  # each filter and its negative
+    feats = out[:, :4].permute(0, 2, 3, 1).reshape(-1, 4)
+    cov = torch.cov(feats.T)
+    corr = cov / cov.diag().sqrt().outer(cov.diag().sqrt())
+    assert (corr - torch.eye(4)).abs().max() < 0.05  # decorrelated: the patches whitened
+    assert model(images).shape == (64, 10)
+
+
+@pytest.mark.parametrize("hparams, words", [
+    ({"widths": [20, 8, 8], "whiten": True}, ["models.fmnet.whiten", "at most 18", "has 20", "widths[0]"]),
+    ({"widths": [8, 8, 8], "stem": 7, "whiten": True}, ["models.fmnet.whiten", "even", "has 7", "models.fmnet.stem"]),
+    ({"whiten": 1}, ["models.fmnet.whiten", "true or false"]),
+])
+def test_fmnet_whiten_rejects_a_first_conv_it_cannot_fill(hparams, words):
+    with pytest.raises(ConfigError) as e:
+        models.build("fmnet", hparams)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
 @pytest.mark.parametrize("arch, hparams, words", [
     ("resnet", {}, ["unknown architecture 'resnet'", "tinyvgg"]),
     ("tinyvgg", {"hidden": 10}, ["models.tinyvgg.hidden", "unknown hyperparameter", "hidden_units"]),
@@ -146,11 +175,14 @@ def test_registry_rejects_unknown_names_and_bad_hparams(arch, hparams, words):
 
 
 @pytest.mark.parametrize("arch, hparams", [("tinyvgg", {"hidden_units": 6}), ("fashionnet", {"hidden": 16}),
-                                           ("ffn_bn", {"widths": [32, 16, 8, 4]}), ("cnn_bn", {"fc": [32, 16]})])
+                                           ("ffn_bn", {"widths": [32, 16, 8, 4]}), ("cnn_bn", {"fc": [32, 16]}),
+                                           ("fmnet", {"widths": [8, 8, 8], "stem": 6, "whiten": True})])
 def test_checkpoint_rebuilds_the_model_from_the_file_alone(tmp_path, monkeypatch, arch, hparams):
     torch.manual_seed(1)
     model = models.build(arch, hparams)
     model.train()(torch.randn(8, 1, 28, 28))  # move batch-norm running statistics off their init
+    for layer in models.data_initialised(model):  # and a whitening off its random init
+        layer.init_from(torch.randn(16, 1, 28, 28))
     model.eval()
     x = torch.randn(4, 1, 28, 28)
     path = tmp_path / "m.pt"

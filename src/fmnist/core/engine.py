@@ -26,7 +26,7 @@ from fmnist.core.device import autocast
 from fmnist.core.distributed import Group
 from fmnist.core.losses import LossFn, cross_entropy
 from fmnist.core.metrics import score
-from fmnist.core.models import uses_channels_last
+from fmnist.core.models import data_initialised, uses_channels_last
 from fmnist.data import NUM_CLASSES
 from fmnist.data.loader import BatchLoader, Split, Stats
 
@@ -154,6 +154,8 @@ def fit(model: nn.Module, train: Split, val: Split | None, stats: Stats, cfg: Tr
     a = cfg.augment
     batches = BatchLoader(train, cfg.batch_size, stats, shuffle=True, generator=data_rng, flip=a.flip,
                           shift=a.shift, erase=a.erase, device=device, channels_last=channels_last, group=group)
+    if resume is None:
+        init_from_data(model, train, stats, device)
     trainee = _data_parallel(model, group, cfg.sync_bn, device)
     opt = make_optimizer(model, cfg)
     sched = make_scheduler(opt, cfg, len(batches))
@@ -233,6 +235,19 @@ def validate(model: nn.Module, val: Split | None, stats: Stats, device: torch.de
                                      float((logp.argmax(1) == part.labels).sum()), float(len(part))],
                                     dtype=torch.float64))
     return {"loss": float(totals[0] / totals[2]), "accuracy": float(totals[1] / totals[2])}
+
+
+INIT_IMAGES = 5000  # the first training images, in the split's order, that set a model's data-initialised layers
+
+
+def init_from_data(model: nn.Module, train: Split, stats: Stats, device: torch.device) -> None:
+    """Set the layers computed from the training images (fmnet's whitening), as the model will see
+    them: normalised, not augmented. The same images on every rank of a group."""
+    layers = data_initialised(model)
+    if layers:
+        images = next(iter(BatchLoader(train, INIT_IMAGES, stats, device=device)))[0]
+        for layer in layers:
+            layer.init_from(images)
 
 
 def _data_parallel(model: nn.Module, group: Group | None, sync_bn: bool, device: torch.device) -> nn.Module:

@@ -14,7 +14,9 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable
 
+import torch
 from torch import nn
+from torch.nn import functional as F
 
 from fmnist import ConfigError
 from fmnist.data import IMAGE_SIZE, NUM_CLASSES
@@ -157,28 +159,64 @@ def cnn_bn(channels: list[int] = (32, 64, 128), fc: list[int] = (256, 128), drop
 # --------------------------------------------------------------------------- our own
 
 
-class _ConvGroup(nn.Sequential):
-    """conv3x3 -> maxpool2 -> BN -> ReLU -> conv3x3 -> BN -> ReLU."""
+class Whitening(nn.Conv2d):
+    """A frozen 3x3 conv from one channel whose filters whiten the image's 3x3 patches: the leading
+    eigenvectors of the patches' covariance, each divided by the square root of its eigenvalue, and
+    each also negated, so the ReLU after it keeps both signs (the first layer of airbench, Keller
+    Jordan's fast CIFAR-10 training). Nothing of it is learned: ``fit`` sets it from the training
+    images before the first step (``init_from``), and the checkpoint carries it like any weight."""
 
-    def __init__(self, cin: int, cout: int):
+    MAX_CHANNELS = 18  # 9 pixels in a 3x3 patch: 9 eigenvectors, each with its negative
+    EPS = 1e-2  # added to each eigenvalue's square root: the flattest directions are not blown up
+
+    def __init__(self, out_channels: int):
+        super().__init__(1, out_channels, 3, padding=1, bias=False)
+        self.weight.requires_grad_(False)
+
+    @torch.no_grad()
+    def init_from(self, images: torch.Tensor) -> None:
+        """``images``: (N, 1, 28, 28), normalised as the model sees them."""
+        patches = F.unfold(images.float(), 3, padding=1).transpose(1, 2).reshape(-1, 9)
+        eigenvalues, eigenvectors = torch.linalg.eigh(torch.cov(patches.T))  # ascending
+        half = self.out_channels // 2
+        filters = eigenvectors.T[-half:] / (eigenvalues[-half:].clamp_min(0).sqrt() + self.EPS)[:, None]
+        self.weight.copy_(torch.cat([filters, -filters]).reshape(self.weight.shape).to(self.weight))
+
+
+def data_initialised(model: nn.Module) -> list[Whitening]:
+    """The model's layers that ``fit`` sets from the training images before training."""
+    return [m for m in model.modules() if isinstance(m, Whitening)]
+
+
+class _ConvGroup(nn.Sequential):
+    """conv3x3 -> maxpool2 -> BN -> ReLU -> conv3x3 -> BN -> ReLU; the first conv may be given."""
+
+    def __init__(self, cin: int, cout: int, first: nn.Conv2d | None = None):
         super().__init__(
-            nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+            first or nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
             nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
         )
 
 
 @register
-def fmnet(widths: list[int] = (16, 32, 64), stem: int = 0) -> nn.Module:
+def fmnet(widths: list[int] = (16, 32, 64), stem: int = 0, whiten: bool = False) -> nn.Module:
     """Our own: a small all-conv net in the style of airbench (an optional stem conv, three conv groups
     that each halve the resolution, global max pool, one linear layer), sized for a CPU: pooling
     right after each group's first conv keeps most of the work at 14x14 and below. ReLU, not
-    GELU: the same accuracy here, and 10% faster on the CPU."""
+    GELU: the same accuracy here, and 10% faster on the CPU. ``whiten``: the first conv (the stem's,
+    or the first group's) is a frozen ``Whitening`` of the image's patches, not a learned one."""
+    first = stem or widths[0]
+    if whiten and (first % 2 or first > Whitening.MAX_CHANNELS):
+        raise ConfigError(f"models.fmnet.whiten: the whitened first conv needs an even number of channels, at most "
+                          f"{Whitening.MAX_CHANNELS}; it has {first} (models.fmnet.{'stem' if stem else 'widths[0]'})")
     layers: list[nn.Module] = []
     if stem:  # 0: no stem, the first group's conv sees the image
-        layers += [nn.Conv2d(1, stem, 3, padding=1, bias=False), nn.BatchNorm2d(stem), nn.ReLU(inplace=True)]
+        conv = Whitening(stem) if whiten else nn.Conv2d(1, stem, 3, padding=1, bias=False)
+        layers += [conv, nn.BatchNorm2d(stem), nn.ReLU(inplace=True)]
     cin = stem or 1
-    for w in widths:
-        layers.append(_ConvGroup(cin, w))
+    for i, w in enumerate(widths):
+        layers.append(_ConvGroup(cin, w, Whitening(w) if whiten and i == 0 and not stem else None))
         cin = w
     layers += [nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(cin, NUM_CLASSES, bias=False)]
     return nn.Sequential(*layers)
