@@ -183,9 +183,10 @@ class Whitening(nn.Conv2d):
         self.weight.copy_(torch.cat([filters, -filters]).reshape(self.weight.shape).to(self.weight))
 
 
-def data_initialised(model: nn.Module) -> list[Whitening]:
-    """The model's layers that ``fit`` sets from the training images before training."""
-    return [m for m in model.modules() if isinstance(m, Whitening)]
+def data_initialised(model: nn.Module) -> list[nn.Module]:
+    """The model's layers that ``fit`` sets from the training images before training: those with an
+    ``init_from(images)`` method (fmnet's ``Whitening``)."""
+    return [m for m in model.modules() if callable(getattr(m, "init_from", None))]
 
 
 class _ConvGroup(nn.Sequential):
