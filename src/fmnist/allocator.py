@@ -3,8 +3,9 @@
 A training step on the CPU allocates and frees a tensor for every activation, gradient and optimizer
 temporary; tcmalloc keeps freed blocks for reuse in caches of its own. Measured here, the conv nets'
 training steps ran 1.04x (tinyvgg) to 1.62x (fashionnet) as fast with it (fashionnet 1.26x in a
-second measurement the same day), and the weights came out bit for bit the same (`python -m benchmarks.run --only allocator`, docs/benchmarks.md). PyTorch's own
-CPU launcher does the same (`python -m torch.backends.xeon.run_cpu --enable-tcmalloc`).
+second measurement the same day), and the weights came out bit for bit the same (`python -m
+benchmarks.run --only allocator`, docs/benchmarks.md). PyTorch's own CPU launcher does the same
+(`python -m torch.backends.xeon.run_cpu --enable-tcmalloc`).
 
 A process chooses its allocator before it starts, so ``use_tcmalloc`` starts it again, once, at its
 first line, with ``LD_PRELOAD`` naming the library, and the same command line. On Linux only, and
