@@ -17,7 +17,7 @@ Parts, in the order they run (``--only`` picks some):
   and under tcmalloc, fresh processes taking turns (no goal: the lever behind fmnist.allocator).
 - ``linear``, ``tinyvgg``: the core against the published recipe written out by hand (goals: 5x and
   2x its throughput, accuracy within 1 point); ``best``: fmnet against the reference tinyvgg's time
-  (94% within 1x, 95% within 10x).
+  (94% within 1x, 95% within 10x; the mean of three seeds, ``--seeds`` to choose them).
 - ``compile``: what torch.compile buys (no goal).
 - ``pipeline`` (benchmarks/floor.py): a full ``dvc repro`` in a fresh clone of HEAD, then ``dvc exp
   run -S loss=focal``, each against the floor (goal: 1.5x), and every model's accuracy against the
@@ -59,6 +59,7 @@ from fmnist.data.idx import read_pair
 from fmnist.data.loader import Split, Stats, pixel_stats
 from fmnist.data.sources import FILES
 from fmnist.runspec import RunSpec
+from fmnist.stats import summary
 
 SEED = 42
 RECIPE = dict(epochs=3, batch_size=32, lr=0.1)  # the published recipe
@@ -66,9 +67,15 @@ SAME_RECIPE = ("recipe=published",)  # ... as params.yaml holds it for the core'
 PUBLISHED = {"linear": {"hidden": 10}, "tinyvgg": {"hidden_units": 10}}
 GOALS = {"linear": 5.0, "tinyvgg": 2.0}  # throughput ratio, core / reference
 # The final iterate of plain SGD at lr 0.1 moves the linear model's test accuracy by a point or
-# two from one seed to the next, so both sides are averaged over three seeds (tinyvgg's moves less).
-SEEDS = {"linear": (42, 43, 44), "tinyvgg": (42,)}
+# two from one seed to the next, so both sides are averaged over three seeds. tinyvgg's accuracy moves
+# less, but its time moved by up to 30% from one run to the next on a shared machine, and it is also the
+# time `best` is measured against: three seeds as well.
+SEEDS = {"linear": (42, 43, 44), "tinyvgg": (42, 1, 2)}
 BEST_GOALS = ((1.0, 0.940), (10.0, 0.950))  # (time budget in reference-tinyvgg times, test accuracy)
+# A goal of `best` is about a recipe, not one seed of it: seed to seed, fmnet's accuracy moves by
+# 0.1 to 0.4 point, as far as it is from the goals. So each is judged on the mean of three seeds (and
+# its mean time per run), with the 95% t interval of that mean beside it.
+BEST_SEEDS = (42, 1, 2)
 # Training steps against the peak of the precision they train in, at least: conv nets 55%, tinyvgg (10
 # channels, too thin to feed the matmul kernels) 35%.
 PEAK_GOALS = {"tinyvgg": 0.35, "fashionnet": 0.55, "cnn_bn": 0.55, "fmnet": 0.55}
@@ -194,15 +201,32 @@ def best_configs(params: str) -> list[tuple[float, float, RunSpec]]:
     return [(t1, a1, runspec.load(params, SHORT)["fmnet"]), (t10, a10, runspec.load(params, LONG)["fmnet"])]
 
 
+def best_line(spec: RunSpec, budget: float, goal: float, runs: list[dict], seeds: list[int], ref: dict) -> dict:
+    """fmnet's runs (one per seed) against the reference tinyvgg's (pooled): met when their mean accuracy
+    reaches ``goal`` and their mean training time is within ``budget`` times the reference's mean."""
+    ours = pooled(runs)
+    ratio = ours["mean_train_s"] / ref["mean_train_s"]
+    acc = summary(r["test_accuracy"] for r in runs)
+    met = ratio <= budget and acc.mean >= goal
+    return {"comparison": f"fmnet {spec.hparams} ({spec.train.epochs} epochs, seeds {', '.join(map(str, seeds))}) "
+                          "against the reference tinyvgg's training time",
+            "reference": ref, "core": ours, "time_ratio": round(ratio, 2),
+            **({"test_accuracy_interval": [round(acc.lo, 4), round(acc.hi, 4)]} if len(runs) > 1 else {}),
+            "accuracy_delta_points": round(100 * (acc.mean - ref["test_accuracy"]), 2),
+            "goal": f">= {100 * goal:.1f}% within {budget:g}x the reference's time", "met": met,
+            **({} if met else {"missed_by": {"time_x": round(max(0, ratio - budget), 2),
+                                             "points": round(max(0, 100 * (goal - acc.mean)), 2)}})}
+
+
 def pooled(runs: list[dict]) -> dict:
-    """Several seeds as one: total time, overall throughput, mean accuracy (and each seed's)."""
-    if len(runs) == 1:
-        return runs[0]
-    out = dict(runs[0])
+    """Several seeds as one: total and mean time, overall throughput, mean accuracy (and each seed's)."""
     train_s = sum(r["train_s"] for r in runs)
-    out.update(train_s=round(train_s, 2), images_per_s=round(sum(r["images_per_s"] * r["train_s"] for r in runs) / train_s),
-               test_accuracy=round(sum(r["test_accuracy"] for r in runs) / len(runs), 4),
-               test_accuracy_per_seed=[r["test_accuracy"] for r in runs])
+    out = dict(runs[0], runs=len(runs), mean_train_s=round(train_s / len(runs), 2))
+    if len(runs) > 1:
+        out.update(train_s=round(train_s, 2),
+                   images_per_s=round(sum(r["images_per_s"] * r["train_s"] for r in runs) / train_s),
+                   test_accuracy=round(sum(r["test_accuracy"] for r in runs) / len(runs), 4),
+                   test_accuracy_per_seed=[r["test_accuracy"] for r in runs])
     return out
 
 
@@ -219,11 +243,19 @@ def checked(line: dict, missed: list[str]) -> dict:
     return line
 
 
+def seed_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give integers separated by commas, e.g. 42,1,2") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default=",".join(PARTS), help="comma-separated: " + ", ".join(PARTS))
     ap.add_argument("--params", default="params.yaml", help="where fmnet's configuration is read from")
-    ap.add_argument("--seed", type=int, default=SEED, help=f"the seed of `best`'s fmnet runs (default {SEED}); "
+    ap.add_argument("--seeds", type=seed_list, default=list(BEST_SEEDS),
+                    help=f"comma-separated seeds of `best`'s fmnet runs (default {','.join(map(str, BEST_SEEDS))}); "
                     "the reference keeps its own")
     args = ap.parse_args(argv)
     parts = set(args.only.split(","))
@@ -293,18 +325,8 @@ def main(argv: list[str] | None = None) -> int:
                                                "points": round(max(0, -1.0 - delta), 2)}})}, missed)
     if "best" in parts:
         for budget, goal, m in best_configs(args.params):
-            tc = m.train
-            ours = core(m, data, args.seed)
-            ratio = ours["train_s"] / ref_tinyvgg["train_s"]
-            met = ratio <= budget and ours["test_accuracy"] >= goal
-            checked({"comparison": f"fmnet {m.hparams} ({tc.epochs} epochs, seed {args.seed}) against the reference "
-                                "tinyvgg's training time",
-                  "reference": ref_tinyvgg, "core": ours, "time_ratio": round(ratio, 2),
-                  "accuracy_delta_points": round(100 * (ours["test_accuracy"] - ref_tinyvgg["test_accuracy"]), 2),
-                  "goal": f">= {100 * goal:.1f}% within {budget:g}x the reference's time", "met": met,
-                  **({} if met else {"missed_by": {"time_x": round(max(0, ratio - budget), 2),
-                                                   "points": round(max(0, 100 * (goal - ours["test_accuracy"])), 2)}})},
-                    missed)
+            runs = [core(m, data, seed) for seed in args.seeds]
+            checked(best_line(m, budget, goal, runs, args.seeds, ref_tinyvgg), missed)
     if "compile" in parts:
         from benchmarks import peak
 

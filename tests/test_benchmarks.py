@@ -44,8 +44,31 @@ def test_seeds_pool_into_total_time_overall_throughput_and_mean_accuracy():
             {"train_s": 6.0, "images_per_s": 3000, "test_accuracy": 0.84}]
     p = bench.pooled(runs)
     assert p["train_s"] == 8.0 and p["images_per_s"] == 2500 and p["test_accuracy"] == 0.82
-    assert p["test_accuracy_per_seed"] == [0.80, 0.84]
-    assert bench.pooled(runs[:1]) == runs[0]
+    assert p["test_accuracy_per_seed"] == [0.80, 0.84] and (p["runs"], p["mean_train_s"]) == (2, 4.0)
+    assert bench.pooled(runs[:1]) == dict(runs[0], runs=1, mean_train_s=2.0)
+
+
+def test_best_is_judged_on_the_mean_of_its_seeds_with_its_interval():
+    (_, _, short), _ = bench.best_configs("params.yaml")
+    ref = bench.pooled([{"train_s": t, "images_per_s": 4500, "test_accuracy": 0.876} for t in (38.0, 42.0)])  # 40 s each
+    runs = [{"train_s": t, "images_per_s": 11000, "test_accuracy": a} for t, a in ((36.0, 0.943), (38.0, 0.939), (40.0, 0.941))]
+    line = bench.best_line(short, 1.0, 0.94, runs, [42, 1, 2], ref)
+    assert line["met"] and "missed_by" not in line  # 94.1% on average, though one seed is under 94%
+    assert line["core"]["mean_train_s"] == 38.0 and line["time_ratio"] == 0.95
+    lo, hi = line["test_accuracy_interval"]
+    assert lo < 0.941 < hi and hi - lo == pytest.approx(2 * 4.303 * 0.002 / 3 ** 0.5, abs=1e-4)
+    assert "seeds 42, 1, 2" in line["comparison"]
+
+    slow = bench.best_line(short, 1.0, 0.94, [dict(r, train_s=44.0) for r in runs], [42, 1, 2], ref)
+    assert not slow["met"] and slow["missed_by"] == {"time_x": 0.1, "points": 0}
+    one = bench.best_line(short, 1.0, 0.94, runs[1:2], [1], ref)  # one seed: no interval, 93.9% misses
+    assert not one["met"] and one["missed_by"]["points"] == pytest.approx(0.1) and "test_accuracy_interval" not in one
+
+
+def test_seeds_must_be_integers():
+    assert bench.seed_list("42,1,2") == [42, 1, 2]
+    with pytest.raises(SystemExit):
+        bench.main(["--only", "best", "--seeds", "42,one"])
 
 
 def test_unknown_part_is_refused():
