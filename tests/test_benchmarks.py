@@ -71,6 +71,14 @@ def test_seeds_must_be_integers():
         bench.main(["--only", "best", "--seeds", "42,one"])
 
 
+def test_schedules_pick_the_short_or_the_long_one():
+    assert bench.schedule_list("long") == ("long",) and bench.schedule_list("short,long") == ("short", "long")
+    [(budget, goal, short)] = bench.best_configs("params.yaml", ("short",))
+    assert (budget, goal, short.train.epochs) == (1.0, 0.94, 6)
+    with pytest.raises(SystemExit):
+        bench.main(["--only", "best", "--schedules", "medium"])
+
+
 def test_unknown_part_is_refused():
     with pytest.raises(SystemExit):
         bench.main(["--only", "resnet"])
