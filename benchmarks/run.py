@@ -90,8 +90,16 @@ def machine() -> dict:
     except (OSError, StopIteration):
         pass
     return {"machine": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "bf16_native": device.cpu_has_native_bf16(), "torch": torch.__version__, "python": platform.python_version(),
-            "malloc": "tcmalloc" if allocator.preloaded() else "system"}
+            "isa": cpu_isa(), "bf16_native": device.cpu_has_native_bf16(), "torch": torch.__version__,
+            "python": platform.python_version(), "malloc": "tcmalloc" if allocator.preloaded() else "system"}
+
+
+def cpu_isa() -> str:
+    """The vector instructions torch's CPU kernels use here (``AVX2``, ``AVX512``), with ``+AMX`` where
+    the CPU has AMX tiles: one model name ("AMD EPYC") covers CPUs whose peaks differ severalfold."""
+    isa = torch.backends.cpu.get_cpu_capability()
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return isa + ("+AMX" if probe is not None and probe() else "")
 
 
 def scratch_repo(work: Path, processed: Path = Path("data/processed")) -> Path:

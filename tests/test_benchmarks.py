@@ -79,6 +79,15 @@ def test_schedules_pick_the_short_or_the_long_one():
         bench.main(["--only", "best", "--schedules", "medium"])
 
 
+def test_machine_line_names_the_instruction_set_and_amx(monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert bench.cpu_isa() == "AVX512+AMX"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert bench.cpu_isa() == "AVX512"
+    assert bench.machine()["isa"] == "AVX512"
+
+
 def test_unknown_part_is_refused():
     with pytest.raises(SystemExit):
         bench.main(["--only", "resnet"])
