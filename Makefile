@@ -11,7 +11,7 @@ help:
 	@echo "make pipeline   set up .venv, then dvc repro (download, preprocess, train, evaluate, report)"
 	@echo "make test       set up .venv, then run the test suite"
 	@echo "make smoke      the whole pipeline on the smoke profile (3,000 images, 1 epoch), a few minutes"
-	@echo "make bench      every performance goal, measured in one run (45 minutes on 2 cores with bf16, two hours or more in fp32; results: docs/benchmarks.md)"
+	@echo "make bench      every performance goal, measured in one run (45 to 55 minutes on 2 cores with bf16, two hours or more in fp32; results: docs/benchmarks.md)"
 	@echo "make serve      the champion model over HTTP on http://127.0.0.1:5001 (mlflow models serve)"
 	@echo "make exps       dvc exp show, only the columns that matter"
 	@echo "make ui         the MLflow UI on http://127.0.0.1:5000"

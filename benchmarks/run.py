@@ -1,7 +1,7 @@
 """Benchmarks: every performance goal of the project, measured side by side in one run, against
 this machine's own limits and against the published recipe.
 
-    python -m benchmarks.run            # or: make bench   (45 min on 2 cores with bf16, 2 h or more in fp32)
+    python -m benchmarks.run            # or: make bench   (45-55 min on 2 cores with bf16, 2 h or more in fp32)
     python -m benchmarks.run --only fixed,floor,profile,peak   # the quick parts (a few minutes)
 
 Parts, in the order they run (``--only`` picks some):
