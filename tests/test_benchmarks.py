@@ -194,21 +194,13 @@ def test_step_profile_ranks_a_conv_nets_operators():
     assert any("conv" in op["op"] for op in row["operators"])
 
 
-def test_cheap_masks_drop_with_the_layers_probability_and_scale_what_they_keep():
+def test_torch_masks_put_nn_dropout_where_the_core_has_its_own():
     from benchmarks import levers
+    from fmnist.core import models
 
-    model = levers._replace_dropout(torch.nn.Sequential(torch.nn.Dropout(0.25), torch.nn.Dropout2d(0.5)), cheap=True)
-    assert type(model[0]) is levers.CheapDropout and model[0].p == 0.25 and type(model[1]) is torch.nn.Dropout2d
-    torch.manual_seed(0)
-    x = torch.ones(64, 32, 12, 12, dtype=torch.bfloat16, requires_grad=True)
-    y = model[0](x)
-    kept = y != 0
-    assert y.dtype == torch.bfloat16 and torch.all(y[kept] == 1 / 0.75)
-    assert abs(kept.float().mean().item() - 0.75) < 0.005  # 294,912 elements: 4 standard deviations
-    assert not torch.equal(kept, model[0](x) != 0)  # a fresh mask every call
-    y.sum().backward()
-    assert torch.equal(x.grad, y.detach())  # the gradient passes through the kept elements, scaled alike
-    assert torch.equal(model[0].eval()(x), x)
+    model = levers._replace_dropout(models.build("fashionnet"), torch_masks=True)
+    assert [(type(m), m.p) for m in model if isinstance(m, torch.nn.Dropout)] == [(torch.nn.Dropout, 0.25),
+                                                                                    (torch.nn.Dropout, 0.5)]
 
 
 def test_levers_measure_each_variant_against_the_step_as_trained():
@@ -220,8 +212,8 @@ def test_levers_measure_each_variant_against_the_step_as_trained():
     model = levers._replace_dropout(torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Sequential(torch.nn.Dropout2d(0.25))))
     assert all(isinstance(m, torch.nn.Identity) for m in (model[0], model[1][0]))
     threads = torch.get_num_threads()
-    row = levers.measure(spec, train, Stats(0.3, 0.3), ("as trained", "AdamW fused", "1 thread", "batch x2", "cheap masks"))
+    row = levers.measure(spec, train, Stats(0.3, 0.3), ("as trained", "AdamW fused", "1 thread", "batch x2", "torch masks"))
     assert row["ratio"]["as trained"] == 1.0 and set(row["images_per_s"]) == {"as trained", "AdamW fused", "1 thread",
-                                                                                "batch x2", "cheap masks"}
+                                                                                "batch x2", "torch masks"}
     assert all(v > 0 for v in row["images_per_s"].values())
     assert torch.get_num_threads() == threads  # the settings a variant changes are put back

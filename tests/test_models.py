@@ -119,6 +119,29 @@ def test_cnn_bn_three_convs_with_bn_and_pooling_three_fc_dropout():
     assert kinds(model)[-1] == "Linear"
 
 
+@pytest.mark.parametrize("arch", ["fashionnet", "ffn_bn", "cnn_bn"])
+def test_the_seed_models_dropout_is_the_cores(arch):
+    assert all(type(d) is models.Dropout for d in layers(models.build(arch), nn.Dropout))
+
+
+def test_dropout_drops_with_its_probability_scales_what_it_keeps_and_passes_the_gradient_alike():
+    layer = models.Dropout(0.25)
+    torch.manual_seed(0)
+    x = torch.ones(64, 32, 12, 12, dtype=torch.bfloat16, requires_grad=True)
+    y = layer(x)
+    kept = y != 0
+    assert y.dtype == torch.bfloat16 and torch.all(y[kept] == 1 / 0.75)
+    assert abs(kept.float().mean().item() - 0.75) < 0.005  # 294,912 elements: 4 standard deviations
+    assert not torch.equal(kept, layer(x) != 0)  # a fresh mask every call
+    torch.manual_seed(0)
+    assert torch.equal(kept, layer(x) != 0)  # drawn from torch's generator: a seed repeats it
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # the gradient passes the kept elements, scaled alike
+    assert torch.equal(layer.eval()(x), x)
+    for p in (0.0, 1.0):  # the edges are nn.Dropout's own
+        assert torch.equal(models.Dropout(p)(x), x * (1 - p))
+
+
 @pytest.mark.parametrize("stem", [0, 8])
 def test_fmnet_stem_is_optional(stem):
     model = models.build("fmnet", {"widths": [4, 8, 16], "stem": stem})

@@ -77,6 +77,23 @@ def count_parameters(model: nn.Module) -> int:
 
 # --------------------------------------------------------------------------- the published models
 
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` made about five times as cheap on the CPU, where ``bernoulli_`` draws one random
+    double per element, serially (fashionnet's first dropout: 10.3 ms a step against 2.1 ms, a fifth of
+    its bf16 step on 2 AMD EPYC cores). Here one 64-bit word from the same generator gives four elements their
+    16-bit uniform numbers, each kept where its number is at or above ``p``: the drop probability is
+    ``p`` rounded to 1/65536, and kept elements are scaled by 1 / (1 - p) as nn.Dropout does. Elsewhere
+    (CUDA's fused kernel), in eval mode and for p of 0 or 1 it is nn.Dropout itself."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or x.device.type != "cpu" or self.p in (0, 1) or self.inplace:
+            return super().forward(x)
+        n = x.numel()
+        words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2 ** 63, None)  # all 64 bits
+        keep = words.view(torch.int16)[:n].view(x.shape) >= round(self.p * 65536) - 32768
+        return x * keep.to(x.dtype).mul_(1 / (1 - self.p))
+
+
 @register
 def logistic() -> nn.Module:
     """Model 0 of the second course author: one linear layer, 784 -> 10 (multinomial logistic regression)."""
@@ -121,8 +138,8 @@ def fashionnet(channels1: int = 32, channels2: int = 64, hidden: int = 128,
     """Two convs, max pooling, dropout 0.25 / 0.5, two FC layers, log-softmax output."""
     return nn.Sequential(
         nn.Conv2d(1, channels1, 3), nn.ReLU(),
-        nn.Conv2d(channels1, channels2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(dropout1),
-        nn.Flatten(), nn.Linear(channels2 * 12 * 12, hidden), nn.ReLU(), nn.Dropout(dropout2),
+        nn.Conv2d(channels1, channels2, 3), nn.ReLU(), nn.MaxPool2d(2), Dropout(dropout1),
+        nn.Flatten(), nn.Linear(channels2 * 12 * 12, hidden), nn.ReLU(), Dropout(dropout2),
         nn.Linear(hidden, NUM_CLASSES), nn.LogSoftmax(dim=1),
     )
 
@@ -133,7 +150,7 @@ def ffn_bn(widths: list[int] = (512, 256, 128, 64), dropout: float = 0.2) -> nn.
     layers: list[nn.Module] = [nn.Flatten()]
     cin = IMAGE_PIXELS
     for w in widths:
-        layers += [nn.Linear(cin, w), nn.BatchNorm1d(w), nn.ReLU(), nn.Dropout(dropout)]
+        layers += [nn.Linear(cin, w), nn.BatchNorm1d(w), nn.ReLU(), Dropout(dropout)]
         cin = w
     layers.append(nn.Linear(cin, NUM_CLASSES))
     return nn.Sequential(*layers)
@@ -150,7 +167,7 @@ def cnn_bn(channels: list[int] = (32, 64, 128), fc: list[int] = (256, 128), drop
     layers.append(nn.Flatten())
     fin = cin * size * size
     for w in fc:
-        layers += [nn.Linear(fin, w), nn.ReLU(), nn.Dropout(dropout)]
+        layers += [nn.Linear(fin, w), nn.ReLU(), Dropout(dropout)]
         fin = w
     layers.append(nn.Linear(fin, NUM_CLASSES))
     return nn.Sequential(*layers)
