@@ -53,16 +53,23 @@ class Setup:
     threads: int | None = None
 
 
-def _replace_dropout(model: nn.Module, torch_masks: bool = False) -> nn.Module:
-    """Every dropout layer removed (an Identity), or each of the core's made torch's own nn.Dropout."""
+def _replace(model: nn.Module, kind: type[nn.Module], make: Callable[[nn.Module], nn.Module]) -> nn.Module:
+    """``model`` with each layer of type ``kind`` replaced by ``make(layer)``, at any depth."""
     for name, child in model.named_children():
-        if torch_masks and isinstance(child, models.Dropout):
-            setattr(model, name, nn.Dropout(child.p))
-        elif not torch_masks and isinstance(child, nn.modules.dropout._DropoutNd):
-            setattr(model, name, nn.Identity())
+        if isinstance(child, kind):
+            setattr(model, name, make(child))
         else:
-            _replace_dropout(child, torch_masks)
+            _replace(child, kind, make)
     return model
+
+
+def _without_dropout(model: nn.Module) -> nn.Module:
+    return _replace(model, nn.modules.dropout._DropoutNd, lambda d: nn.Identity())
+
+
+def _with_torch_masks(model: nn.Module) -> nn.Module:
+    """The core's ``models.Dropout`` layers made torch's own ``nn.Dropout``."""
+    return _replace(model, models.Dropout, lambda d: nn.Dropout(d.p))
 
 
 def setup(spec: RunSpec, variant: str, train: Split, stats: Stats) -> Setup:
@@ -75,8 +82,8 @@ def setup(spec: RunSpec, variant: str, train: Split, stats: Stats) -> Setup:
         return torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, **kind)
 
     optimizer = adamw if kind and tc.optimizer == "adamw" else None
-    model = (_replace_dropout(models.build(spec.arch, spec.hparams), torch_masks=variant == "torch masks")
-             if variant in ("no dropout", "torch masks") else None)
+    swap = {"no dropout": _without_dropout, "torch masks": _with_torch_masks}.get(variant)
+    model = swap(models.build(spec.arch, spec.hparams)) if swap else None
     p = prepare(spec, train, stats, WARMUP + CHUNK * ROUNDS, model=model, fp32=variant == "fp32",
                 nchw=variant == "NCHW", batch_size=tc.batch_size * 2 if variant == "batch x2" else None,
                 optimizer=optimizer)

@@ -198,7 +198,7 @@ def test_torch_masks_put_nn_dropout_where_the_core_has_its_own():
     from benchmarks import levers
     from fmnist.core import models
 
-    model = levers._replace_dropout(models.build("fashionnet"), torch_masks=True)
+    model = levers._with_torch_masks(models.build("fashionnet"))
     assert [(type(m), m.p) for m in model if isinstance(m, torch.nn.Dropout)] == [(torch.nn.Dropout, 0.25),
                                                                                     (torch.nn.Dropout, 0.5)]
 
@@ -209,7 +209,7 @@ def test_levers_measure_each_variant_against_the_step_as_trained():
 
     spec = specs("train.batch_size=16")["fashionnet"]
     train = Split(torch.randint(0, 256, (256, 28, 28), dtype=torch.uint8), torch.arange(256) % 10, torch.arange(256))
-    model = levers._replace_dropout(torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Sequential(torch.nn.Dropout2d(0.25))))
+    model = levers._without_dropout(torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Sequential(torch.nn.Dropout2d(0.25))))
     assert all(isinstance(m, torch.nn.Identity) for m in (model[0], model[1][0]))
     threads = torch.get_num_threads()
     row = levers.measure(spec, train, Stats(0.3, 0.3), ("as trained", "AdamW fused", "1 thread", "batch x2", "torch masks"))

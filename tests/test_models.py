@@ -121,7 +121,8 @@ def test_cnn_bn_three_convs_with_bn_and_pooling_three_fc_dropout():
 
 @pytest.mark.parametrize("arch", ["fashionnet", "ffn_bn", "cnn_bn"])
 def test_the_seed_models_dropout_is_the_cores(arch):
-    assert all(type(d) is models.Dropout for d in layers(models.build(arch), nn.Dropout))
+    dropouts = layers(models.build(arch), nn.Dropout)
+    assert dropouts and all(type(d) is models.Dropout for d in dropouts)
 
 
 def test_dropout_drops_with_its_probability_scales_what_it_keeps_and_passes_the_gradient_alike():
