@@ -75,15 +75,16 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-# --------------------------------------------------------------------------- the published models
+# --------------------------------------------------------------------------- layers the models share
 
 class Dropout(nn.Dropout):
-    """``nn.Dropout`` made about five times as cheap on the CPU, where ``bernoulli_`` draws one random
-    double per element, serially (fashionnet's first dropout: 10.3 ms a step against 2.1 ms, a fifth of
-    its bf16 step on 2 AMD EPYC cores). Here one 64-bit word from the same generator gives four elements their
-    16-bit uniform numbers, each kept where its number is at or above ``p``: the drop probability is
-    ``p`` rounded to 1/65536, and kept elements are scaled by 1 / (1 - p) as nn.Dropout does. Elsewhere
-    (CUDA's fused kernel), in eval mode and for p of 0 or 1 it is nn.Dropout itself."""
+    """``nn.Dropout`` made about five times as cheap on the CPU, where ``bernoulli_`` draws one
+    random double per element, serially (fashionnet's first dropout: 10.3 ms a step against 2.1 ms,
+    a fifth of its bf16 step on 2 AMD EPYC cores). Here one 64-bit word from the same generator
+    gives four elements their 16-bit uniform numbers, each kept where its number is at or above
+    ``p``: the drop probability is ``p`` rounded to 1/65536, and kept elements are scaled by
+    1 / (1 - p) as nn.Dropout does. Elsewhere (CUDA's fused kernel), in eval mode and for p of 0
+    or 1 it is nn.Dropout itself."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or x.device.type != "cpu" or self.p in (0, 1) or self.inplace:
@@ -93,6 +94,8 @@ class Dropout(nn.Dropout):
         keep = words.view(torch.int16)[:n].view(x.shape) >= round(self.p * 65536) - 32768
         return x * keep.to(x.dtype).mul_(1 / (1 - self.p))
 
+
+# --------------------------------------------------------------------------- the published models
 
 @register
 def logistic() -> nn.Module:
@@ -246,9 +249,10 @@ def uses_channels_last(model: nn.Module) -> bool:
 
 
 def worth_bf16(model: nn.Module) -> bool:
-    """bf16 autocast pays for conv nets and for layers of 64k weights or more (about 2x for
-    tinyvgg, 1.2x for mlp512 on an AMX/AVX-512 BF16 CPU); for the 784-10-10 nets the casts cost
-    more than the matmuls save (linear at batch 32: 82k images/s in fp32, 59k in bf16)."""
+    """bf16 autocast pays for conv nets and for layers of 64k weights or more (tinyvgg about 2x,
+    mlp512 1.2x on a CPU with AMX; 1.3x and 1.4x with AVX512_BF16 alone); for the 784-10-10 nets
+    the casts cost more than the matmuls save (linear at batch 32: 82k images/s in fp32, 59k in
+    bf16)."""
     return any(isinstance(m, nn.Conv2d) or (isinstance(m, nn.Linear) and m.weight.numel() >= 65536)
                for m in model.modules())
 
