@@ -2,7 +2,9 @@
 
 - ``peak``: the machine's peak, a large matmul timed in fp32 (and in bf16 where the CPU has it) in
   this run; for every model of params.yaml, the FLOPs of one training image (forward and backward, counted by
-  ``torch.utils.flop_counter``) times its measured training throughput, as a fraction of that peak.
+  ``torch.utils.flop_counter``) times its measured training throughput, as a fraction of that peak;
+  and for the conv nets, their convolutions alone (each layer's forward and backward on its own
+  input shape, nothing else of the step): the most a step could reach with every other operator free.
 - ``compile``: torch.compile's compile time, cold (an empty inductor cache) and warm (the cache of
   the cold run, as ``TORCHINDUCTOR_FX_GRAPH_CACHE`` keeps it between runs), and its training
   throughput against eager mode, for the conv nets; each in a fresh process.
@@ -112,6 +114,52 @@ def training_throughput(spec: RunSpec, train: Split, stats: Stats) -> tuple[floa
     return sum(len(y) for _, y in p.batches[WARMUP:]) / (time.perf_counter() - t0), p.bf16
 
 
+def convolutions_alone(spec: RunSpec, bf16: bool, repeat: int = 20) -> tuple[float, float] | None:
+    """The FLOPs and seconds of one step's convolutions alone (None if the model has none): each conv
+    layer's forward and backward (the gradients the step computes: none into a frozen weight or into
+    the image), at the model's batch size, precision and memory format, timed ``repeat`` times after
+    a warm-up, summed over layers."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = models.build(spec.arch, spec.hparams).train()
+    channels_last = models.uses_channels_last(model)
+    if not channels_last:  # no conv layer
+        return None
+    model = model.to(memory_format=torch.channels_last)
+    inputs: list[tuple[nn.Conv2d, torch.Tensor]] = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: inputs.append((m, args[0])))
+             for m in model.modules() if isinstance(m, nn.Conv2d)]
+    with device.autocast(torch.device("cpu"), bf16):
+        model(torch.randn(spec.train.batch_size, 1, 28, 28).contiguous(memory_format=torch.channels_last))
+    for h in hooks:
+        h.remove()
+    seconds = flops = 0.0
+    for conv, seen in inputs:
+        x = seen.detach().requires_grad_(seen.requires_grad)
+        with device.autocast(torch.device("cpu"), bf16):
+            y = conv(x)
+        grad = torch.ones_like(y) if y.requires_grad else None  # a frozen conv on the image: forward only
+
+        def fwd_bwd() -> None:
+            conv.zero_grad(set_to_none=True)  # as the step does: gradients written, not accumulated
+            x.grad = None
+            with device.autocast(torch.device("cpu"), bf16):
+                out = conv(x)
+            if grad is not None:
+                out.backward(grad)
+        for _ in range(3):
+            fwd_bwd()
+        with FlopCounterMode(display=False) as counter:
+            fwd_bwd()
+        t0 = time.perf_counter()
+        for _ in range(repeat):
+            fwd_bwd()
+        seconds += (time.perf_counter() - t0) / repeat
+        flops += counter.get_total_flops()
+    return flops, seconds
+
+
 def peak_report(specs: dict[str, RunSpec], train: Split, stats: Stats) -> list[dict]:
     # Without bf16 in hardware a bf16 matmul is emulated (about 1 GFLOP/s on 2 AVX2 cores: minutes for
     # one 2048x2048 product) and no model trains in bf16 there (precision: auto), so it is not timed.
@@ -123,9 +171,14 @@ def peak_report(specs: dict[str, RunSpec], train: Split, stats: Stats) -> list[d
         flops = flops_per_image(spec)
         achieved = flops * ips / 1e9
         kind = "bf16" if bf16 else "fp32"
-        rows.append({"model": name, "batch_size": spec.train.batch_size, "precision": kind,
-                     "mflop_per_image": round(flops / 1e6, 2), "images_per_s": round(ips),
-                     "gflop_per_s": round(achieved, 1), "fraction_of_peak": round(achieved / peak[kind], 3)})
+        row = {"model": name, "batch_size": spec.train.batch_size, "precision": kind,
+               "mflop_per_image": round(flops / 1e6, 2), "images_per_s": round(ips),
+               "gflop_per_s": round(achieved, 1), "fraction_of_peak": round(achieved / peak[kind], 3)}
+        convs = convolutions_alone(spec, bf16)
+        if convs is not None:
+            rate = convs[0] / convs[1] / 1e9
+            row["convolutions_alone"] = {"gflop_per_s": round(rate, 1), "fraction_of_peak": round(rate / peak[kind], 3)}
+        rows.append(row)
     return [{"peak_gflop_per_s": {k: round(v, 1) for k, v in peak.items()}, "matmul": f"{MATMUL}x{MATMUL}",
              **({} if native else {"bf16": "not timed: no native bf16 on this CPU"})}, *rows]
 
@@ -146,7 +199,7 @@ def compile_report(specs: dict[str, RunSpec]) -> list[dict]:
                 if res.returncode != 0:
                     raise SystemExit(f"torch.compile of {name} ({kind}) failed:\n{res.stderr[-2000:]}")
                 runs[kind] = json.loads(res.stdout.strip().splitlines()[-1])
-            rows.append({"model": name, "compile_s_cold": runs["cold"]["first_step_s"],
+            rows.append({"model": name, "precision": runs["eager"]["precision"], "compile_s_cold": runs["cold"]["first_step_s"],
                          "compile_s_warm": runs["warm"]["first_step_s"],
                          "images_per_s_eager": runs["eager"]["images_per_s"],
                          "images_per_s_compiled": runs["warm"]["images_per_s"],
@@ -161,7 +214,8 @@ def _compile_one(name: str, kind: str) -> None:
     spec = runspec.load()[name]
     torch.manual_seed(0)
     model = models.build(spec.arch, spec.hparams).to(memory_format=torch.channels_last).train()
-    step = _step_fn(spec, model if kind == "eager" else torch.compile(model), False)
+    bf16 = device.use_bf16(spec.train.precision, torch.device("cpu"), model)  # as the model trains
+    step = _step_fn(spec, model if kind == "eager" else torch.compile(model), bf16)
     bs = spec.train.batch_size
     x = torch.randn(bs, 1, 28, 28).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (bs,))
@@ -173,7 +227,8 @@ def _compile_one(name: str, kind: str) -> None:
     t0 = time.perf_counter()
     for _ in range(STEPS):
         step(x, y)
-    print(json.dumps({"first_step_s": round(first, 1), "images_per_s": round(bs * STEPS / (time.perf_counter() - t0))}))
+    print(json.dumps({"first_step_s": round(first, 1), "images_per_s": round(bs * STEPS / (time.perf_counter() - t0)),
+                      "precision": "bf16" if bf16 else "fp32"}))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ Parts, in the order they run (``--only`` picks some):
   peak, measured now, of the precision it trains in.
 - ``profile`` (benchmarks/step_profile.py): one training step of each conv net, per operator.
 - ``peak`` (benchmarks/peak.py): every model's training step against that peak (goals: conv nets
-  55%, tinyvgg 35%).
+  55%, tinyvgg 35%), and beside each conv net's, its convolutions alone against the same peak.
 - ``allocator`` (benchmarks/allocator.py): the conv nets' training steps under the C library's malloc
   and under tcmalloc, fresh processes taking turns (no goal: the lever behind fmnist.allocator).
 - ``linear``, ``tinyvgg``: the core against the published recipe written out by hand (goals: 5x and

@@ -107,6 +107,20 @@ def test_peak_counts_flops_and_measures_a_training_step():
     assert ips > 0 and bf16 is False
 
 
+def test_convolutions_alone_count_every_conv_flop_of_the_step_and_nothing_else():
+    from benchmarks import peak
+
+    spec = specs("train.batch_size=8")["tinyvgg"]
+    flops, seconds = peak.convolutions_alone(spec, bf16=False, repeat=1)
+    linear = 3 * 2 * 490 * 10  # the classifier, 490 -> 10: forward, its weight and its input gradients
+    assert flops == 8 * (peak.flops_per_image(spec) - linear) and seconds > 0
+    assert peak.convolutions_alone(specs()["mlp512"], bf16=False) is None  # no conv layer
+    # the frozen whitening conv on the image runs forward only, as in the step
+    whitened = specs(*bench.SHORT, "train.batch_size=8", "models.fmnet.train.batch_size=8")["fmnet"]
+    head = 3 * 2 * 96 * 10
+    assert peak.convolutions_alone(whitened, bf16=False, repeat=1)[0] == 8 * (peak.flops_per_image(whitened) - head)
+
+
 def test_model_logging_times_the_additions_in_the_stage_or_switches_them_all_off(repo, restore_sigterm):
     from mlflow import MlflowClient
 
