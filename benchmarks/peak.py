@@ -7,7 +7,8 @@
   input shape, nothing else of the step): the most a step could reach with every other operator free.
 - ``compile``: torch.compile's compile time, cold (an empty inductor cache) and warm (the cache of
   the cold run, as ``TORCHINDUCTOR_FX_GRAPH_CACHE`` keeps it between runs), and its training
-  throughput against eager mode, for the conv nets; each in a fresh process.
+  throughput against eager mode, for the conv nets, in the precision each trains in; each in a
+  fresh process.
 """
 
 from __future__ import annotations
@@ -123,10 +124,9 @@ def convolutions_alone(spec: RunSpec, bf16: bool, repeat: int = 20) -> tuple[flo
 
     torch.manual_seed(0)
     model = models.build(spec.arch, spec.hparams).train()
-    channels_last = models.uses_channels_last(model)
-    if not channels_last:  # no conv layer
+    if not models.uses_channels_last(model):  # no conv layer
         return None
-    model = model.to(memory_format=torch.channels_last)
+    model = model.to(memory_format=torch.channels_last)  # as the core trains a conv net on the CPU
     inputs: list[tuple[nn.Conv2d, torch.Tensor]] = []
     hooks = [m.register_forward_pre_hook(lambda m, args: inputs.append((m, args[0])))
              for m in model.modules() if isinstance(m, nn.Conv2d)]
