@@ -16,6 +16,8 @@ Variants (each changes one thing from ``as trained``):
 - ``no dropout``: dropout layers removed, to see what they cost (not a change the seed models can take)
 - ``torch masks``: torch's own ``nn.Dropout`` (a ``bernoulli_`` draw per element) instead of the
   core's ``models.Dropout`` (16-bit slices of 64-bit random words)
+- ``torch Flatten``: torch's own ``nn.Flatten`` (its gradient back in NCHW) instead of the core's
+  ``models.Flatten`` (the gradient back in channels-last, as the layer's input)
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from fmnist.runspec import RunSpec
 
 CONV_NETS = ("tinyvgg", "fashionnet", "cnn_bn", "fmnet")
 VARIANTS = ("as trained", "flush denormals", "AdamW foreach", "AdamW fused", "fp32", "NCHW", "batch x2",
-            "1 thread", "no dropout", "torch masks")
+            "1 thread", "no dropout", "torch masks", "torch Flatten")
 CHUNK, ROUNDS, WARMUP = 4, 5, 3
 
 
@@ -72,6 +74,11 @@ def _with_torch_masks(model: nn.Module) -> nn.Module:
     return _replace(model, models.Dropout, lambda d: nn.Dropout(d.p))
 
 
+def _with_torch_flatten(model: nn.Module) -> nn.Module:
+    """The core's ``models.Flatten`` layers made torch's own ``nn.Flatten``."""
+    return _replace(model, models.Flatten, lambda f: nn.Flatten(f.start_dim, f.end_dim))
+
+
 def setup(spec: RunSpec, variant: str, train: Split, stats: Stats) -> Setup:
     from benchmarks.peak import prepare
 
@@ -82,7 +89,8 @@ def setup(spec: RunSpec, variant: str, train: Split, stats: Stats) -> Setup:
         return torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, **kind)
 
     optimizer = adamw if kind and tc.optimizer == "adamw" else None
-    swap = {"no dropout": _without_dropout, "torch masks": _with_torch_masks}.get(variant)
+    swap = {"no dropout": _without_dropout, "torch masks": _with_torch_masks,
+            "torch Flatten": _with_torch_flatten}.get(variant)
     model = swap(models.build(spec.arch, spec.hparams)) if swap else None
     p = prepare(spec, train, stats, WARMUP + CHUNK * ROUNDS, model=model, fp32=variant == "fp32",
                 nchw=variant == "NCHW", batch_size=tc.batch_size * 2 if variant == "batch x2" else None,

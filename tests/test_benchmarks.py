@@ -217,6 +217,14 @@ def test_torch_masks_put_nn_dropout_where_the_core_has_its_own():
                                                                                     (torch.nn.Dropout, 0.5)]
 
 
+def test_torch_flatten_puts_nn_flatten_where_the_core_has_its_own():
+    from benchmarks import levers
+    from fmnist.core import models
+
+    model = levers._with_torch_flatten(models.build("cnn_bn"))
+    assert [type(m) for m in model.modules() if isinstance(m, torch.nn.Flatten)] == [torch.nn.Flatten]
+
+
 def test_levers_measure_each_variant_against_the_step_as_trained():
     from benchmarks import levers
     from fmnist.data.loader import Split, Stats
@@ -226,8 +234,8 @@ def test_levers_measure_each_variant_against_the_step_as_trained():
     model = levers._without_dropout(torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Sequential(torch.nn.Dropout2d(0.25))))
     assert all(isinstance(m, torch.nn.Identity) for m in (model[0], model[1][0]))
     threads = torch.get_num_threads()
-    row = levers.measure(spec, train, Stats(0.3, 0.3), ("as trained", "AdamW fused", "1 thread", "batch x2", "torch masks"))
-    assert row["ratio"]["as trained"] == 1.0 and set(row["images_per_s"]) == {"as trained", "AdamW fused", "1 thread",
-                                                                                "batch x2", "torch masks"}
+    chosen = ("as trained", "AdamW fused", "1 thread", "batch x2", "torch masks", "torch Flatten")
+    row = levers.measure(spec, train, Stats(0.3, 0.3), chosen)
+    assert row["ratio"]["as trained"] == 1.0 and set(row["images_per_s"]) == set(chosen)
     assert all(v > 0 for v in row["images_per_s"].values())
     assert torch.get_num_threads() == threads  # the settings a variant changes are put back

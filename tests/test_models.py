@@ -143,6 +143,46 @@ def test_dropout_drops_with_its_probability_scales_what_it_keeps_and_passes_the_
         assert torch.equal(models.Dropout(p)(x), x * (1 - p))
 
 
+@pytest.mark.parametrize("arch", ["tinyvgg", "fashionnet", "cnn_bn", "fmnet"])
+def test_the_conv_nets_flatten_is_the_cores(arch):
+    assert [type(m) for m in layers(models.build(arch), nn.Flatten)] == [models.Flatten]
+
+
+def test_flatten_sends_the_gradient_back_in_the_memory_format_its_input_had():
+    torch.manual_seed(0)
+    for memory_format in (torch.channels_last, torch.contiguous_format):
+        x = torch.randn(4, 8, 5, 5).contiguous(memory_format=memory_format).requires_grad_(True)
+        ref = x.detach().clone().requires_grad_(True)
+        g = torch.randn(4, 200)
+        y = models.Flatten()(x)
+        assert torch.equal(y, nn.Flatten()(ref))
+        y.backward(g)
+        nn.Flatten()(ref).backward(g)
+        assert torch.equal(x.grad, ref.grad) and x.grad.is_contiguous(memory_format=memory_format)
+    assert not ref.grad.is_contiguous(memory_format=torch.channels_last)  # nn.Flatten's, from channels-last too
+
+
+def test_flatten_changes_no_value_of_a_channels_last_training():
+    """fashionnet trained channels-last with the core's Flatten and with nn.Flatten: the same weights
+    to the last bit (the max pool's backward gets its gradient in another layout, not other values)."""
+    weights = []
+    for flatten in (models.Flatten, nn.Flatten):
+        torch.manual_seed(0)
+        model = models.build("fashionnet")
+        name = next(n for n, m in model.named_children() if isinstance(m, models.Flatten))
+        setattr(model, name, flatten())
+        model = model.to(memory_format=torch.channels_last).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        for step in range(3):
+            x = torch.randn(16, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+            loss = F.nll_loss(model(x), torch.arange(16) % 10)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        weights.append([p.detach() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*weights))
+
+
 @pytest.mark.parametrize("stem", [0, 8])
 def test_fmnet_stem_is_optional(stem):
     model = models.build("fmnet", {"widths": [4, 8, 16], "stem": stem})

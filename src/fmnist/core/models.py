@@ -95,6 +95,25 @@ class Dropout(nn.Dropout):
         return x * keep.to(x.dtype).mul_(1 / (1 - self.p))
 
 
+def _as_channels_last(grad: torch.Tensor) -> torch.Tensor:
+    return grad.contiguous(memory_format=torch.channels_last)
+
+
+class Flatten(nn.Flatten):
+    """``nn.Flatten`` that keeps a channels-last network channels-last in the backward pass too.
+    Flattening a channels-last batch copies it into NCHW order, so its gradient comes back in NCHW;
+    the max pool before it then converted both its input and that gradient on every step
+    (fashionnet: 3.9 ms of a 43 ms bf16 step on 2 AMD EPYC cores). Here the gradient is put back
+    into the input's memory format first, in one copy. The same values to the last bit: only where
+    they lie in memory changes."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and x.dim() == 4 and not x.is_contiguous() \
+                and x.is_contiguous(memory_format=torch.channels_last):
+            x.register_hook(_as_channels_last)
+        return super().forward(x)
+
+
 # --------------------------------------------------------------------------- the published models
 
 @register
@@ -132,7 +151,7 @@ def tinyvgg(hidden_units: int = 10) -> nn.Module:
         return nn.Sequential(nn.Conv2d(cin, h, 3, padding=1), nn.ReLU(),
                              nn.Conv2d(h, h, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
 
-    return nn.Sequential(block(1), block(h), nn.Flatten(), nn.Linear(h * 7 * 7, NUM_CLASSES))
+    return nn.Sequential(block(1), block(h), Flatten(), nn.Linear(h * 7 * 7, NUM_CLASSES))
 
 
 @register
@@ -142,7 +161,7 @@ def fashionnet(channels1: int = 32, channels2: int = 64, hidden: int = 128,
     return nn.Sequential(
         nn.Conv2d(1, channels1, 3), nn.ReLU(),
         nn.Conv2d(channels1, channels2, 3), nn.ReLU(), nn.MaxPool2d(2), Dropout(dropout1),
-        nn.Flatten(), nn.Linear(channels2 * 12 * 12, hidden), nn.ReLU(), Dropout(dropout2),
+        Flatten(), nn.Linear(channels2 * 12 * 12, hidden), nn.ReLU(), Dropout(dropout2),
         nn.Linear(hidden, NUM_CLASSES), nn.LogSoftmax(dim=1),
     )
 
@@ -167,7 +186,7 @@ def cnn_bn(channels: list[int] = (32, 64, 128), fc: list[int] = (256, 128), drop
     for c in channels:
         layers += [nn.Conv2d(cin, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(), nn.MaxPool2d(2)]
         cin, size = c, size // 2
-    layers.append(nn.Flatten())
+    layers.append(Flatten())
     fin = cin * size * size
     for w in fc:
         layers += [nn.Linear(fin, w), nn.ReLU(), Dropout(dropout)]
@@ -239,7 +258,7 @@ def fmnet(widths: list[int] = (16, 32, 64), stem: int = 0, whiten: bool = False)
     for i, w in enumerate(widths):
         layers.append(_ConvGroup(cin, w, first if i == 0 and not stem else None))
         cin = w
-    layers += [nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(cin, NUM_CLASSES, bias=False)]
+    layers += [nn.AdaptiveMaxPool2d(1), Flatten(), nn.Linear(cin, NUM_CLASSES, bias=False)]
     return nn.Sequential(*layers)
 
 
