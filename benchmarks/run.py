@@ -273,7 +273,8 @@ def schedule_list(text: str) -> tuple[str, ...]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default=",".join(PARTS), help="comma-separated: " + ", ".join(PARTS))
-    ap.add_argument("--params", default="params.yaml", help="the params file every part reads its models from (a copy with other settings measures those)")
+    ap.add_argument("--params", default="params.yaml",
+                    help="the params file every part reads its models from (a copy with other settings measures those)")
     ap.add_argument("--seeds", type=seed_list, default=list(BEST_SEEDS),
                     help=f"comma-separated seeds of `best`'s fmnet runs (default {','.join(map(str, BEST_SEEDS))}); "
                     "the reference keeps its own")
